@@ -1,0 +1,1 @@
+"""Pure, differentiable update rules reproducing ``torch.optim`` (private; see ``optim``)."""

@@ -1,0 +1,130 @@
+"""Adagrad and Adadelta (``torch.optim.Adagrad``, ``torch.optim.Adadelta``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._core import (
+    Hyperparameters,
+    RuleSpec,
+    check,
+    check_nonnegative,
+    check_type,
+    is_zero,
+    new_step,
+    numbers_in,
+    safe_sqrt,
+)
+
+
+def prepare_grad(param: Tensor, grad: Tensor, hp: Hyperparameters) -> Tensor:
+    """The gradient after ``maximize`` and coupled (L2) weight decay, as torch.optim does."""
+    if hp["maximize"]:
+        grad = -grad
+    if not is_zero(hp["weight_decay"]):
+        grad = grad + hp["weight_decay"] * param
+    return grad
+
+
+class AdagradState(NamedTuple):
+    """State of :func:`adagrad`: the sum of squared gradients and the step count."""
+
+    step: Any
+    sum: Any
+
+
+def _adagrad_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    return {
+        "step": new_step(param),
+        "sum": torch.zeros_like(param) + hp["initial_accumulator_value"],
+    }
+
+
+def _adagrad_update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    step = state["step"] + 1
+    grad = prepare_grad(param, grad, hp)
+    lr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+    total = state["sum"] + grad * grad
+    std = safe_sqrt(total) + hp["eps"]
+    return param - lr * (grad / std), {"step": step, "sum": total}
+
+
+def _adagrad_validate(hp: Hyperparameters) -> None:
+    check_nonnegative(hp, "lr", "learning rate")
+    check_nonnegative(hp, "lr_decay", "lr_decay value")
+    check_nonnegative(hp, "weight_decay", "weight_decay value")
+    check_nonnegative(hp, "initial_accumulator_value", "initial_accumulator_value value")
+    check_nonnegative(hp, "eps", "epsilon value")
+    check_type(hp, "maximize", bool)
+
+
+ADAGRAD = RuleSpec(
+    name="adagrad",
+    torch_class=torch.optim.Adagrad,
+    state_type=AdagradState,
+    defaults={
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        "maximize": False,
+    },
+    fields=lambda hp: ("step", "sum"),
+    init=_adagrad_init,
+    update=_adagrad_update,
+    validate=_adagrad_validate,
+    init_only=frozenset({"initial_accumulator_value"}),
+)
+
+
+class AdadeltaState(NamedTuple):
+    """State of :func:`adadelta`: running averages of squared gradients and updates."""
+
+    step: Any
+    square_avg: Any
+    acc_delta: Any
+
+
+def _adadelta_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    zeros = torch.zeros_like(param)
+    return {"step": new_step(param), "square_avg": zeros, "acc_delta": zeros}
+
+
+def _adadelta_update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    rho, eps = hp["rho"], hp["eps"]
+    grad = prepare_grad(param, grad, hp)
+    square_avg = rho * state["square_avg"] + (1 - rho) * grad * grad
+    std = safe_sqrt(square_avg + eps)
+    delta = safe_sqrt(state["acc_delta"] + eps) / std * grad
+    acc_delta = rho * state["acc_delta"] + (1 - rho) * delta * delta
+    new_state = {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
+    return param - hp["lr"] * delta, new_state
+
+
+def _adadelta_validate(hp: Hyperparameters) -> None:
+    check_nonnegative(hp, "lr", "learning rate")
+    for rho in numbers_in(hp["rho"]):
+        check(0.0 <= rho <= 1.0, f"Invalid rho value: {rho}")
+    check_nonnegative(hp, "eps", "epsilon value")
+    check_nonnegative(hp, "weight_decay", "weight_decay value")
+    check_type(hp, "maximize", bool)
+
+
+ADADELTA = RuleSpec(
+    name="adadelta",
+    torch_class=torch.optim.Adadelta,
+    state_type=AdadeltaState,
+    defaults={"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False},
+    fields=lambda hp: ("step", "square_avg", "acc_delta"),
+    init=_adadelta_init,
+    update=_adadelta_update,
+    validate=_adadelta_validate,
+)

@@ -1,0 +1,126 @@
+"""Adam and AdamW, with AMSGrad, maximize and decoupled weight decay (``torch.optim.Adam``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._core import (
+    Hyperparameters,
+    RuleSpec,
+    check_betas,
+    check_nonnegative,
+    check_type,
+    is_zero,
+    new_step,
+    safe_sqrt,
+)
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam` and :func:`adamw`; ``max_exp_avg_sq`` only with AMSGrad."""
+
+    step: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+    max_exp_avg_sq: Any = None
+
+
+def _fields(hp: Hyperparameters) -> tuple[str, ...]:
+    extra = ("max_exp_avg_sq",) if hp["amsgrad"] else ()
+    return ("step", "exp_avg", "exp_avg_sq", *extra)
+
+
+def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    state = {
+        "step": new_step(param),
+        "exp_avg": torch.zeros_like(param),
+        "exp_avg_sq": torch.zeros_like(param),
+    }
+    if hp["amsgrad"]:
+        state["max_exp_avg_sq"] = torch.zeros_like(param)
+    return state
+
+
+def apply_weight_decay(
+    param: Tensor, grad: Tensor, hp: Hyperparameters
+) -> tuple[Tensor, Tensor]:
+    """Adam-family weight decay: shrink the parameter (decoupled) or add to the gradient."""
+    weight_decay = hp["weight_decay"]
+    if is_zero(weight_decay):
+        return param, grad
+    if hp["decoupled_weight_decay"]:
+        return param * (1 - hp["lr"] * weight_decay), grad
+    return param, grad + weight_decay * param
+
+
+def _update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    lr, (beta1, beta2) = hp["lr"], hp["betas"]
+    if hp["maximize"]:
+        grad = -grad
+    param, grad = apply_weight_decay(param, grad, hp)
+    step = state["step"] + 1
+    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    second_moment = exp_avg_sq
+    if hp["amsgrad"]:
+        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    step_size = lr / (1 - beta1**step)
+    denom = safe_sqrt(second_moment) / torch.sqrt(1 - beta2**step) + hp["eps"]
+    return param - step_size * (exp_avg / denom), new_state
+
+
+def validate_adam_family(hp: Hyperparameters) -> None:
+    """torch.optim's checks shared by Adam, AdamW, Adamax, NAdam and RAdam."""
+    check_nonnegative(hp, "lr", "learning rate")
+    check_nonnegative(hp, "eps", "epsilon value")
+    check_betas(hp)
+    check_nonnegative(hp, "weight_decay", "weight_decay value")
+    check_type(hp, "maximize", bool)
+
+
+def _validate(hp: Hyperparameters) -> None:
+    validate_adam_family(hp)
+    check_type(hp, "amsgrad", bool)
+    check_type(hp, "decoupled_weight_decay", bool)
+
+
+_ADAM_DEFAULTS = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "amsgrad": False,
+    "maximize": False,
+    "decoupled_weight_decay": False,
+}
+
+ADAM = RuleSpec(
+    name="adam",
+    torch_class=torch.optim.Adam,
+    state_type=AdamState,
+    defaults=_ADAM_DEFAULTS,
+    fields=_fields,
+    init=_init,
+    update=_update,
+    validate=_validate,
+    static=frozenset({"amsgrad"}),
+)
+
+ADAMW = RuleSpec(
+    name="adamw",
+    torch_class=torch.optim.AdamW,
+    state_type=AdamState,
+    defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    fields=_fields,
+    init=_init,
+    update=_update,
+    validate=_validate,
+    static=frozenset({"amsgrad"}),
+)

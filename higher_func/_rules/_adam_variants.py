@@ -1,0 +1,211 @@
+"""Adamax, NAdam and RAdam (``torch.optim.Adamax``, ``NAdam``, ``RAdam``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._adagrad import prepare_grad
+from ._adam import apply_weight_decay, validate_adam_family
+from ._core import (
+    Hyperparameters,
+    RuleSpec,
+    check_nonnegative,
+    check_type,
+    new_step,
+    safe_sqrt,
+)
+
+
+def _moments_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    return {
+        "step": new_step(param),
+        "exp_avg": torch.zeros_like(param),
+        "exp_avg_sq": torch.zeros_like(param),
+    }
+
+
+def _moments(
+    grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, Tensor]:
+    beta1, beta2 = hp["betas"]
+    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+    return exp_avg, exp_avg_sq
+
+
+def _maximized(grad: Tensor, hp: Hyperparameters) -> Tensor:
+    return -grad if hp["maximize"] else grad
+
+
+# --------------------------------------------------------------------------- Adamax
+
+
+class AdamaxState(NamedTuple):
+    """State of :func:`adamax`: first moment and exponentially weighted infinity norm."""
+
+    step: Any
+    exp_avg: Any
+    exp_inf: Any
+
+
+def _adamax_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    zeros = torch.zeros_like(param)
+    return {"step": new_step(param), "exp_avg": zeros, "exp_inf": zeros}
+
+
+def _adamax_update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    beta1, beta2 = hp["betas"]
+    grad = prepare_grad(param, grad, hp)
+    step = state["step"] + 1
+    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+    exp_inf = torch.maximum(beta2 * state["exp_inf"], torch.abs(grad) + hp["eps"])
+    step_size = hp["lr"] / (1 - beta1**step)
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+    return param - step_size * (exp_avg / exp_inf), new_state
+
+
+ADAMAX = RuleSpec(
+    name="adamax",
+    torch_class=torch.optim.Adamax,
+    state_type=AdamaxState,
+    defaults={
+        "lr": 2e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "maximize": False,
+    },
+    fields=lambda hp: ("step", "exp_avg", "exp_inf"),
+    init=_adamax_init,
+    update=_adamax_update,
+    validate=validate_adam_family,
+)
+
+
+# --------------------------------------------------------------------------- NAdam
+
+
+class NAdamState(NamedTuple):
+    """State of :func:`nadam`: moments, step and the running product of momentum factors."""
+
+    step: Any
+    mu_product: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+def _nadam_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    state = _moments_init(param, hp)
+    state["mu_product"] = torch.ones_like(state["step"])
+    return state
+
+
+def _nadam_update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    lr, (beta1, beta2), decay = hp["lr"], hp["betas"], hp["momentum_decay"]
+    step = state["step"] + 1
+    param, grad = apply_weight_decay(param, _maximized(grad, hp), hp)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * decay))
+    mu_product = state["mu_product"] * mu
+    exp_avg, exp_avg_sq = _moments(grad, state, hp)
+    denom = safe_sqrt(exp_avg_sq / (1 - beta2**step)) + hp["eps"]
+    param = param + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (grad / denom)
+    param = param + (-lr * mu_next / (1.0 - mu_product * mu_next)) * (exp_avg / denom)
+    new_state = {
+        "step": step,
+        "mu_product": mu_product,
+        "exp_avg": exp_avg,
+        "exp_avg_sq": exp_avg_sq,
+    }
+    return param, new_state
+
+
+def _nadam_validate(hp: Hyperparameters) -> None:
+    validate_adam_family(hp)
+    check_nonnegative(hp, "momentum_decay", "momentum_decay value")
+    check_type(hp, "decoupled_weight_decay", bool)
+
+
+NADAM = RuleSpec(
+    name="nadam",
+    torch_class=torch.optim.NAdam,
+    state_type=NAdamState,
+    defaults={
+        "lr": 2e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum_decay": 4e-3,
+        "decoupled_weight_decay": False,
+        "maximize": False,
+    },
+    fields=lambda hp: ("step", "mu_product", "exp_avg", "exp_avg_sq"),
+    init=_nadam_init,
+    update=_nadam_update,
+    validate=_nadam_validate,
+)
+
+
+# --------------------------------------------------------------------------- RAdam
+
+
+class RAdamState(NamedTuple):
+    """State of :func:`radam`: moments and step."""
+
+    step: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+def _radam_update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    lr, (beta1, beta2) = hp["lr"], hp["betas"]
+    step = state["step"] + 1
+    param, grad = apply_weight_decay(param, _maximized(grad, hp), hp)
+    exp_avg, exp_avg_sq = _moments(grad, state, hp)
+    bias_correction2 = 1 - beta2**step
+    corrected_exp_avg = exp_avg / (1 - beta1**step)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectify = rho_t > 5.0
+    # The variance is tractable only when rho_t > 5; elsewhere the square root's argument
+    # may be negative, so it is replaced by 1 before (not after) the root: no nan gradient.
+    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    rect = torch.sqrt(torch.where(rectify, ratio, torch.ones_like(ratio)))
+    adaptive_lr = torch.sqrt(bias_correction2) / (safe_sqrt(exp_avg_sq) + hp["eps"])
+    rectified = corrected_exp_avg * lr * adaptive_lr * rect
+    update = torch.where(rectify, rectified, corrected_exp_avg * lr)
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return param - update, new_state
+
+
+def _radam_validate(hp: Hyperparameters) -> None:
+    validate_adam_family(hp)
+    check_type(hp, "decoupled_weight_decay", bool)
+
+
+RADAM = RuleSpec(
+    name="radam",
+    torch_class=torch.optim.RAdam,
+    state_type=RAdamState,
+    defaults={
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "decoupled_weight_decay": False,
+        "maximize": False,
+    },
+    fields=lambda hp: ("step", "exp_avg", "exp_avg_sq"),
+    init=_moments_init,
+    update=_radam_update,
+    validate=_radam_validate,
+)

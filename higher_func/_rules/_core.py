@@ -1,0 +1,354 @@
+"""The machinery shared by every update rule: one per-tensor kernel, lifted over a pytree.
+
+A rule is data (a :class:`RuleSpec`: defaults, a validator, the state fields and two
+per-tensor functions) plus resolved hyperparameters.  Everything that is the same for
+all optimizers lives here, once: pytree plumbing, ``None`` gradients, per-parameter
+hyperparameters, step-time overrides and the error messages for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = ["Rule", "RuleSpec", "safe_sqrt"]
+
+#: Options of ``torch.optim`` that select an implementation, never the math.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+Hyperparameters = Mapping[str, Any]
+InitFn = Callable[[Tensor, Hyperparameters], dict[str, Tensor]]
+UpdateFn = Callable[
+    [Tensor, Tensor, dict[str, Tensor], Hyperparameters], tuple[Tensor, dict[str, Tensor]]
+]
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """Everything that makes one optimizer what it is.
+
+    Attributes:
+        name: the factory's name (``"adam"``).
+        torch_class: the ``torch.optim`` class whose math the rule reproduces, if any.
+        state_type: a ``NamedTuple`` class; its fields are ``torch.optim``'s state keys.
+        defaults: every math option with ``torch.optim``'s default.
+        fields: given the hyperparameters, the state fields this rule keeps (the others are
+            ``None`` in the state), e.g. no ``momentum_buffer`` when ``momentum == 0``.
+        init: per-tensor ``(param, hp) -> {field: tensor}``.
+        update: per-tensor ``(param, grad, {field: tensor}, hp) -> (param, {field: tensor})``.
+        validate: raises ``ValueError`` (with ``torch.optim``'s own wording) on bad values.
+        static: options that fix the state's structure; they cannot be overridden per
+            step or given per parameter.
+        init_only: options read only by ``init`` (e.g. Adagrad's initial accumulator);
+            overriding them per step would have no effect, so it is refused.
+        import_state: ``(torch_state, fresh_state) -> state`` for one parameter: how a
+            ``torch.optim`` state entry becomes this rule's (default: key for key).
+    """
+
+    name: str
+    torch_class: type | None
+    state_type: type
+    defaults: Mapping[str, Any]
+    fields: Callable[[Hyperparameters], tuple[str, ...]]
+    init: InitFn
+    update: UpdateFn
+    validate: Callable[[Hyperparameters], None]
+    static: frozenset[str] = frozenset()
+    init_only: frozenset[str] = frozenset()
+    import_state: Callable[[Mapping[str, Any], dict[str, Tensor]], dict[str, Tensor]] | None = None
+
+
+class Rule:
+    """A differentiable optimizer as a pure update rule over a pytree of tensors.
+
+    ``state = rule.init(params)`` builds the optimizer state explicitly, and
+    ``params, state = rule.step(params, grads, state)`` returns new parameters and a new
+    state without touching its inputs.  ``params`` is a dict ``name -> tensor`` (or any
+    pytree that :mod:`optree` handles); ``grads`` has the same structure and may hold
+    ``None`` for a parameter that must stay unchanged (frozen or unused), exactly as
+    ``torch.optim`` skips a parameter whose ``.grad`` is ``None``.
+
+    Every numeric hyperparameter may be a number, a tensor (one that requires grad
+    receives gradients through the step) or a dict keyed like ``params`` holding
+    per-parameter values broadcastable to each parameter.  ``step(..., lr=t)`` overrides
+    a hyperparameter for that call only.
+
+    Rules are built by the factories in :mod:`higher_func.optim` (``sgd``, ``adam``, ...),
+    never directly.
+    """
+
+    __slots__ = ("hyperparameters", "spec")
+
+    def __init__(self, spec: RuleSpec, hyperparameters: Hyperparameters) -> None:
+        self.spec = spec
+        self.hyperparameters: dict[str, Any] = dict(hyperparameters)
+
+    @property
+    def name(self) -> str:
+        """The factory's name, e.g. ``"adam"``."""
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={_short(v)}" for k, v in self.hyperparameters.items())
+        return f"{self.name}({options})"
+
+    def replace(self, **hyperparameters: Any) -> Rule:
+        """A new rule with some hyperparameters changed (validated like the factory)."""
+        return build_rule(self.spec, {**self.hyperparameters, **hyperparameters})
+
+    def init(self, params: Any) -> Any:
+        """The initial state for ``params``: a ``NamedTuple`` of pytrees shaped like ``params``."""
+        leaves, treespec = _leaves("params", params)
+        hps = _per_leaf_hyperparameters(self.hyperparameters, self.spec, treespec, len(leaves))
+        per_leaf = [self.spec.init(p, hp) for p, hp in zip(leaves, hps, strict=True)]
+        fields = self.spec.fields(self.hyperparameters)
+        return _assemble_state(self.spec.state_type, fields, per_leaf, treespec)
+
+    def step(self, params: Any, grads: Any, state: Any, **overrides: Any) -> tuple[Any, Any]:
+        """One optimizer step: ``(new_params, new_state)``.  Inputs are never modified.
+
+        Keyword arguments override numeric hyperparameters for this call only.
+        """
+        hyperparameters = self._with_overrides(overrides)
+        leaves, treespec = _leaves("params", params)
+        grad_leaves = _grads_like(grads, treespec)
+        fields = self.spec.fields(hyperparameters)
+        state_leaves = _state_like(state, self.spec.state_type, fields, treespec)
+        hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+        new_params, new_states = [], []
+        for p, g, s, hp in zip(leaves, grad_leaves, state_leaves, hps, strict=True):
+            if g is not None:
+                p, s = self.spec.update(p, g, s, hp)
+            new_params.append(p)
+            new_states.append(s)
+        new_state = _assemble_state(self.spec.state_type, fields, new_states, treespec)
+        return optree.tree_unflatten(treespec, new_params), new_state
+
+    def _with_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        if not overrides:
+            return self.hyperparameters
+        for key in overrides:
+            if key not in self.spec.defaults:
+                raise TypeError(
+                    f"{self.name}.step() got an unknown hyperparameter override {key!r}; "
+                    f"valid names are {sorted(set(self.spec.defaults) - self.spec.static)}."
+                )
+            if key in self.spec.init_only:
+                raise TypeError(
+                    f"{self.name}.step() cannot override {key!r}: only init() reads it. "
+                    f"Build the rule with {key}=... before calling init()."
+                )
+            if key in self.spec.static:
+                raise TypeError(
+                    f"{self.name}.step() cannot override {key!r} per step: it fixes the "
+                    f"state's structure. Build a new rule instead: "
+                    f"{self.name}(..., {key}={overrides[key]!r})."
+                )
+        merged = {**self.hyperparameters, **overrides}
+        self.spec.validate(merged)
+        return merged
+
+
+def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
+    """Validate ``options`` against ``spec`` and build the rule (implementation flags dropped)."""
+    unknown = set(options) - set(spec.defaults) - IMPLEMENTATION_FLAGS
+    if unknown:
+        raise TypeError(
+            f"{spec.name}() got unknown option(s) {sorted(unknown)}; "
+            f"valid options are {sorted(spec.defaults)}."
+        )
+    hyperparameters = {k: options.get(k, v) for k, v in spec.defaults.items()}
+    for key in spec.static:
+        if isinstance(hyperparameters[key], Mapping):
+            raise TypeError(f"{spec.name}(): {key!r} cannot be given per parameter.")
+    spec.validate(hyperparameters)
+    return Rule(spec, hyperparameters)
+
+
+# --------------------------------------------------------------------------- pytrees
+
+
+def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
+    paths, leaves, treespec = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{argument}{_format_path(path)} must be a torch.Tensor, got "
+                f"{type(leaf).__name__}. Pass tensors (e.g. torch.tensor(value)) as {argument}."
+            )
+    return leaves, treespec
+
+
+def _grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
+    try:
+        leaves = treespec.flatten_up_to(grads)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"grads must have the same structure as params. {_mismatch(treespec, grads)} "
+            f"Pass one gradient (or None) per parameter, keyed like params."
+        ) from error
+    for leaf in leaves:
+        if leaf is not None and not isinstance(leaf, Tensor):
+            raise TypeError(f"grads must hold tensors or None, got {type(leaf).__name__}.")
+    return leaves
+
+
+def _state_like(
+    state: Any, state_type: type, fields: tuple[str, ...], treespec: Any
+) -> list[dict[str, Tensor]]:
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"state must be the {state_type.__name__} returned by init() or step(), got "
+            f"{type(state).__name__}. Build it with rule.init(params)."
+        )
+    columns = {}
+    for field in fields:
+        tree = getattr(state, field)
+        if tree is None:
+            raise ValueError(
+                f"state.{field} is None but these hyperparameters need it. Build the state "
+                f"with init() from a rule with the same options."
+            )
+        try:
+            columns[field] = treespec.flatten_up_to(tree)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"state.{field} must have the same structure as params. "
+                f"{_mismatch(treespec, tree)} Build the state with rule.init(params)."
+            ) from error
+    count = treespec.num_leaves
+    return [{f: column[i] for f, column in columns.items()} for i in range(count)]
+
+
+def _assemble_state(
+    state_type: Any, fields: tuple[str, ...], per_leaf: list[dict[str, Tensor]], treespec: Any
+) -> Any:
+    trees = {
+        field: optree.tree_unflatten(treespec, [s[field] for s in per_leaf]) for field in fields
+    }
+    return state_type(**{f: trees.get(f) for f in state_type._fields})
+
+
+def _per_leaf_hyperparameters(
+    hyperparameters: Hyperparameters, spec: RuleSpec, treespec: Any, count: int
+) -> list[Hyperparameters]:
+    per_parameter = {}
+    for key, value in hyperparameters.items():
+        if isinstance(value, Mapping):
+            try:
+                per_parameter[key] = treespec.flatten_up_to(value)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"{spec.name}: per-parameter {key!r} must be keyed like params. "
+                    f"{_mismatch(treespec, value)}"
+                ) from error
+    if not per_parameter:
+        return [hyperparameters] * count
+    return [
+        {**hyperparameters, **{k: v[i] for k, v in per_parameter.items()}} for i in range(count)
+    ]
+
+
+def _format_path(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def _mismatch(treespec: Any, other: Any) -> str:
+    if treespec.kind == optree.PyTreeKind.DICT and isinstance(other, Mapping):
+        expected = set(optree.tree_unflatten(treespec, [0] * treespec.num_leaves))
+        missing = sorted(map(str, expected - set(other)))
+        unexpected = sorted(map(str, set(other) - expected))
+        return f"Missing key(s): {missing}. Unexpected key(s): {unexpected}."
+    got = optree.tree_structure(other, none_is_leaf=True)
+    return f"Expected structure {treespec}, got {got}."
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor(shape={tuple(value.shape)})" if value.dim() else f"tensor({value.item():g})"
+    if isinstance(value, Mapping):
+        return "{per-parameter}"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- math helpers
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of infinity.
+
+    ``torch.sqrt`` has an infinite derivative at 0; through an optimizer step that
+    becomes ``inf * 0 = nan`` for a parameter whose gradient (hence second moment) is
+    exactly zero.  The value is unchanged everywhere, the derivative too for ``x > 0``,
+    and negative inputs still give ``nan`` as in ``torch.sqrt``.  No hooks are involved,
+    so it holds to every order, under ``vmap`` and under ``torch.compile``.
+    """
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
+
+
+def is_zero(value: Any) -> bool:
+    """Whether a hyperparameter is the number 0 (tensors never count: they may be learned)."""
+    return isinstance(value, numbers.Number) and value == 0
+
+
+def new_step(param: Tensor) -> Tensor:
+    """A fresh per-parameter step counter: a 0-d tensor of the parameter's dtype."""
+    return torch.zeros((), dtype=_real_dtype(param), device=param.device)
+
+
+def _real_dtype(param: Tensor) -> torch.dtype:
+    return param.dtype if param.dtype.is_floating_point else torch.get_default_dtype()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``."""
+    if not condition:
+        raise ValueError(message)
+
+
+def numbers_in(value: Any) -> Iterable[float]:
+    """The plain numbers in a hyperparameter value (tensors are checked by the user)."""
+    values = value.values() if isinstance(value, Mapping) else [value]
+    for item in values:
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            yield float(item)
+        elif isinstance(item, Tensor) and not _is_traced(item) and item.numel() == 1:
+            yield float(item.detach())
+
+
+def _is_traced(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def check_nonnegative(hp: Hyperparameters, key: str, label: str) -> None:
+    """torch.optim's ``Invalid <label>: <value>`` check for ``0 <= value``."""
+    for v in numbers_in(hp[key]):
+        check(v >= 0.0 and not math.isnan(v), f"Invalid {label}: {v}")
+
+
+def check_betas(hp: Hyperparameters, key: str = "betas") -> None:
+    """torch.optim's check that both betas lie in ``[0, 1)``."""
+    values = hp[key].values() if isinstance(hp[key], Mapping) else [hp[key]]
+    for pair in values:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(f"{key} must be a pair (beta1, beta2), got {pair!r}.")
+        for index, beta in enumerate(pair):
+            for v in numbers_in(beta):
+                check(0.0 <= v < 1.0, f"Invalid beta parameter at index {index}: {v}")
+
+
+def check_type(hp: Hyperparameters, key: str, kind: type) -> None:
+    """A static option must be a plain value of ``kind`` (e.g. ``amsgrad`` a bool)."""
+    if not isinstance(hp[key], kind):
+        raise TypeError(f"{key} must be a {kind.__name__}, got {type(hp[key]).__name__}.")

@@ -1,0 +1,194 @@
+"""Which rule reproduces which ``torch.optim`` class, and importing a live optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from . import _factories as f
+from ._core import Rule, _assemble_state
+
+RuleFactory = Callable[..., Rule]
+
+#: ``torch.optim`` class -> factory of the rule with the same math.
+_REGISTRY: dict[type, RuleFactory] = {
+    torch.optim.SGD: f.sgd,
+    torch.optim.Adam: f.adam,
+    torch.optim.AdamW: f.adamw,
+    torch.optim.Adagrad: f.adagrad,
+    torch.optim.Adadelta: f.adadelta,
+    torch.optim.Adamax: f.adamax,
+    torch.optim.ASGD: f.asgd,
+    torch.optim.RMSprop: f.rmsprop,
+    torch.optim.Rprop: f.rprop,
+    torch.optim.NAdam: f.nadam,
+    torch.optim.RAdam: f.radam,
+}
+
+#: Keys that torch's learning-rate schedulers and named parameters add to a group.
+_BOOKKEEPING_KEYS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
+     "max_momentum", "swa_lr", "base_lr"}
+)
+
+
+def supported_optimizers() -> tuple[type, ...]:
+    """The ``torch.optim`` classes that have a registered rule."""
+    return tuple(_REGISTRY)
+
+
+def rule_factory(optimizer_class: type) -> RuleFactory:
+    """The factory registered for ``optimizer_class`` (or its nearest registered base)."""
+    for klass in optimizer_class.__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    names = ", ".join(sorted(k.__name__ for k in _REGISTRY))
+    raise TypeError(
+        f"No differentiable rule for {optimizer_class.__name__}. Supported: {names}. "
+        f"Register one with higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
+    )
+
+
+def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
+    """Map a ``torch.optim.Optimizer`` subclass to a rule factory.
+
+    The factory is called with the optimizer's group hyperparameters as keyword arguments
+    and must return a rule with ``init(params)`` and ``step(params, grads, state)``.  It is
+    validated here by building a rule from its defaults and stepping a one-element
+    parameter once, so a broken rule fails at registration, not in a training loop.
+    """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(
+            f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}."
+        )
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (hyperparameters -> rule), got {factory!r}.")
+    try:
+        rule = factory()
+        params = {"x": torch.zeros(1)}
+        new_params, _ = rule.step(params, {"x": torch.ones(1)}, rule.init(params))
+    except Exception as error:
+        raise TypeError(
+            f"factory for {optimizer_class.__name__} must build a rule from its defaults whose "
+            f"init(params) and step(params, grads, state) work on a dict of tensors; "
+            f"trying it raised {type(error).__name__}: {error}"
+        ) from error
+    if not (isinstance(new_params, dict) and isinstance(new_params.get("x"), Tensor)):
+        raise TypeError(
+            f"factory for {optimizer_class.__name__}: step must return (params, state) with "
+            f"params keyed like its input, got {type(new_params).__name__}."
+        )
+    _REGISTRY[optimizer_class] = factory
+
+
+class ImportedGroup(NamedTuple):
+    """One parameter group of a live ``torch.optim`` optimizer, as a pure rule.
+
+    Attributes:
+        rule: the rule with the group's hyperparameters.
+        names: the keys (in the ``params`` given to :func:`from_torch_optimizer`) of the
+            group's parameters, in the group's order.
+        state: the rule's state for ``{name: params[name] for name in names}``, imported
+            (detached) from the optimizer's ``state``; fresh where torch has none yet.
+    """
+
+    rule: Rule
+    names: tuple[Any, ...]
+    state: Any
+
+
+def group_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A torch parameter group's options, without its parameters and scheduler bookkeeping."""
+    return {k: v for k, v in group.items() if k not in _BOOKKEEPING_KEYS}
+
+
+def named_params(params: nn.Module | Mapping[Any, Tensor] | Iterable[Tensor]) -> dict[Any, Tensor]:
+    """``params`` as a dict: a module's named parameters, a dict as is, a sequence by index."""
+    if isinstance(params, nn.Module):
+        return dict(params.named_parameters())
+    if isinstance(params, Mapping):
+        return dict(params)
+    return dict(enumerate(params))
+
+
+def from_torch_optimizer(
+    optimizer: torch.optim.Optimizer,
+    params: nn.Module | Mapping[Any, Tensor] | Iterable[Tensor],
+) -> list[ImportedGroup]:
+    """Turn a live ``torch.optim`` optimizer into one pure rule per parameter group.
+
+    Args:
+        optimizer: the optimizer (it may have stepped already: its momentum buffers,
+            moments and step counts are imported, detached).
+        params: the module whose parameters it optimizes, or a dict ``name -> tensor``, or
+            a sequence of tensors (named by position).
+
+    Returns:
+        One :class:`ImportedGroup` per parameter group.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> [group] = hf.optim.from_torch_optimizer(opt, model)
+        >>> group.rule.name, group.names
+        ('sgd', ('weight', 'bias'))
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    by_id = {id(t): name for name, t in named_params(params).items()}
+    factory = rule_factory(type(optimizer))
+    groups = []
+    for index, group in enumerate(optimizer.param_groups):
+        names = []
+        for position, p in enumerate(group["params"]):
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"optimizer.param_groups[{index}]['params'][{position}] (shape "
+                    f"{tuple(p.shape)}) is not among the given params. Build the optimizer "
+                    f"over the same module's parameters, or pass the tensors it optimizes."
+                )
+            names.append(by_id[id(p)])
+        rule = factory(**group_hyperparameters(group))
+        states = {n: optimizer.state.get(p, {}) for n, p in zip(names, group["params"], strict=True)}
+        state = import_state(rule, dict(zip(names, group["params"], strict=True)), states)
+        groups.append(ImportedGroup(rule, tuple(names), state))
+    return groups
+
+
+def import_state(
+    rule: Rule, params: dict[Any, Tensor], torch_states: Mapping[Any, Mapping[str, Any]]
+) -> Any:
+    """The rule's state for ``params`` from ``torch.optim`` per-parameter state dicts.
+
+    ``torch_states`` maps each key of ``params`` to its ``optimizer.state[p]`` (empty where
+    the optimizer has not stepped that parameter yet).
+    """
+    if not any(torch_states.values()):
+        return rule.init(params)
+    spec = getattr(rule, "spec", None)
+    if spec is None:
+        raise TypeError(
+            f"{rule!r} is not built from a RuleSpec, so torch.optim state cannot be imported "
+            f"into it. Use a fresh optimizer, or build the rule with higher_func.optim.make_rule."
+        )
+    treespec = optree.tree_structure(params, none_is_leaf=True)
+    per_leaf = []
+    for name in treespec.flatten_up_to(dict(zip(params, params, strict=True))):
+        p, torch_state = params[name], torch_states.get(name, {})
+        fresh = spec.init(p.detach(), rule.hyperparameters)
+        if spec.import_state is not None:
+            entry = spec.import_state(torch_state, fresh)
+        else:
+            entry = {k: torch_state.get(k, v) for k, v in fresh.items()}
+        per_leaf.append({k: _detached_like(v, fresh[k]) for k, v in entry.items()})
+    return _assemble_state(spec.state_type, spec.fields(rule.hyperparameters), per_leaf, treespec)
+
+
+def _detached_like(value: Any, reference: Tensor) -> Tensor:
+    value = torch.as_tensor(value)
+    return value.detach().to(device=reference.device, dtype=reference.dtype).clone()

@@ -1,0 +1,99 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize (``torch.optim.SGD``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._core import (
+    Hyperparameters,
+    RuleSpec,
+    check,
+    check_nonnegative,
+    check_type,
+    is_zero,
+    new_step,
+    numbers_in,
+)
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`; ``None`` fields when ``momentum == 0``.
+
+    ``step`` counts updates; it is what tells the first step (where torch seeds the
+    buffer with the gradient itself, undamped) from the others.
+    """
+
+    momentum_buffer: Any = None
+    step: Any = None
+
+
+def _fields(hp: Hyperparameters) -> tuple[str, ...]:
+    return () if is_zero(hp["momentum"]) else ("momentum_buffer", "step")
+
+
+def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
+    if is_zero(hp["momentum"]):
+        return {}
+    return {"momentum_buffer": torch.zeros_like(param), "step": new_step(param)}
+
+
+def _update(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
+) -> tuple[Tensor, dict[str, Tensor]]:
+    if hp["maximize"]:
+        grad = -grad
+    if not is_zero(hp["weight_decay"]):
+        grad = grad + hp["weight_decay"] * param
+    if state:
+        momentum, step = hp["momentum"], state["step"]
+        # torch seeds the buffer with the first gradient, undamped: 0 * m + 1 * g == g.
+        grad_scale = torch.where(step == 0, 1.0, 1 - hp["dampening"])
+        buffer = momentum * state["momentum_buffer"] + grad_scale * grad
+        grad = grad + momentum * buffer if hp["nesterov"] else buffer
+        state = {"momentum_buffer": buffer, "step": step + 1}
+    return param - hp["lr"] * grad, state
+
+
+def _validate(hp: Hyperparameters) -> None:
+    check_nonnegative(hp, "lr", "learning rate")
+    check_nonnegative(hp, "momentum", "momentum value")
+    check_nonnegative(hp, "weight_decay", "weight_decay value")
+    check_type(hp, "nesterov", bool)
+    check_type(hp, "maximize", bool)
+    if hp["nesterov"]:
+        no_momentum = is_zero(hp["momentum"])
+        damped = any(v != 0 for v in numbers_in(hp["dampening"]))
+        check(
+            not no_momentum and not damped,
+            "Nesterov momentum requires a momentum and zero dampening",
+        )
+
+
+def _import_state(torch_state: Any, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    buffer = torch_state.get("momentum_buffer")
+    if not fresh or buffer is None:
+        return fresh
+    return {"momentum_buffer": buffer, "step": fresh["step"] + 1}
+
+
+SGD = RuleSpec(
+    name="sgd",
+    torch_class=torch.optim.SGD,
+    state_type=SGDState,
+    defaults={
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    },
+    fields=_fields,
+    init=_init,
+    update=_update,
+    validate=_validate,
+    import_state=_import_state,
+)

@@ -1,0 +1,75 @@
+"""Differentiable optimizers.
+
+Two layers live here:
+
+* **Pure rules** (the functional API): ``sgd``, ``adam``, ``adamw``, ``adagrad``,
+  ``adadelta``, ``adamax``, ``asgd``, ``rmsprop``, ``rprop``, ``nadam``, ``radam``.  Each
+  returns a :class:`Rule` with ``init(params) -> state`` and
+  ``step(params, grads, state, **overrides) -> (params, state)`` over a dict of tensors,
+  equal to ``torch.optim`` and differentiable to any order.
+* The registry mapping ``torch.optim`` classes to rules, and :func:`from_torch_optimizer`
+  to turn a live optimizer (with its state) into rules.
+"""
+
+from ._rules._adagrad import AdadeltaState, AdagradState
+from ._rules._adam import AdamState
+from ._rules._adam_variants import AdamaxState, NAdamState, RAdamState
+from ._rules._asgd import ASGDState
+from ._rules._core import Rule, RuleSpec, build_rule, safe_sqrt
+from ._rules._factories import (
+    adadelta,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    asgd,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
+)
+from ._rules._registry import (
+    ImportedGroup,
+    from_torch_optimizer,
+    register_rule,
+    rule_factory,
+    supported_optimizers,
+)
+from ._rules._rmsprop import RMSpropState, RpropState
+from ._rules._sgd import SGDState
+
+make_rule = build_rule
+
+__all__ = [
+    "ASGDState",
+    "AdadeltaState",
+    "AdagradState",
+    "AdamState",
+    "AdamaxState",
+    "ImportedGroup",
+    "NAdamState",
+    "RAdamState",
+    "RMSpropState",
+    "RpropState",
+    "Rule",
+    "RuleSpec",
+    "SGDState",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "asgd",
+    "from_torch_optimizer",
+    "make_rule",
+    "nadam",
+    "radam",
+    "register_rule",
+    "rmsprop",
+    "rprop",
+    "rule_factory",
+    "safe_sqrt",
+    "sgd",
+    "supported_optimizers",
+]
