@@ -132,7 +132,8 @@ def adagrad(
         s \leftarrow s + g^2,\quad
         \theta \leftarrow \theta - \frac{\gamma}{1 + (t-1)\eta}\frac{g}{\sqrt{s} + \epsilon}
 
-    ``initial_accumulator_value`` is read by ``init`` only.
+    ``initial_accumulator_value`` is read by ``init`` only.  (``torch.optim.Adagrad`` seeds
+    every group from its constructor's value; a rule uses its own value.)
 
     Example:
         >>> import torch, higher_func as hf

@@ -50,7 +50,7 @@ def _update(
     if state:
         momentum, step = hp["momentum"], state["step"]
         # torch seeds the buffer with the first gradient, undamped: 0 * m + 1 * g == g.
-        grad_scale = torch.where(step == 0, 1.0, 1 - hp["dampening"])
+        grad_scale = torch.where(step == 0, torch.ones_like(step), 1 - hp["dampening"])
         buffer = momentum * state["momentum_buffer"] + grad_scale * grad
         grad = grad + momentum * buffer if hp["nesterov"] else buffer
         state = {"momentum_buffer": buffer, "step": step + 1}

@@ -1,0 +1,384 @@
+"""The benchmark workloads: models, data and settings shared by every implementation.
+
+Every implementation in :mod:`implementations` runs exactly these problems, built from
+fixed seeds in float32, so that the times it reports compare the same computation.  Data
+is synthetic (no download): sinusoid regression tasks, Omniglot-shaped image tasks and a
+small regression problem for hyperparameter learning.
+
+Workloads (the keys used in tables, JSON and on the command line):
+
+* ``1`` sinusoid MAML, MLP 1-40-40-1, 10-shot, 25 tasks, 5 inner SGD steps, second order,
+  outer Adam; ``2`` the same with an inner Adam; ``2b`` inner SGD with momentum 0.9.
+* ``3`` Omniglot-shaped MAML: 4 x [conv 3x3 64 channels, BatchNorm, ReLU, max-pool 2] +
+  linear, 28x28x1 inputs, 5-way 1-shot, 15 queries per class, 4 tasks, 5 inner SGD steps.
+* ``4`` hyperparameter learning: 20 unrolled Adam steps of a small MLP whose learning rate
+  and weight decay are learned tensors (``exp`` of learned logarithms).
+* ``5`` set-up: entering (and leaving) ``innerloop_ctx`` for a model of about 10 million
+  parameters.
+* ``6`` memory: peak memory of one meta-iteration for 5, 20 and 50 inner steps, with the
+  graph through the inner loop kept (tracked) and without it (first order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+SEED = 0
+
+
+class Tasks(NamedTuple):
+    """A batch of tasks, stacked on the first dimension (``[tasks, examples, ...]``)."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    @property
+    def count(self) -> int:
+        return self.x_support.shape[0]
+
+    def task(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (
+            self.x_support[index],
+            self.y_support[index],
+            self.x_query[index],
+            self.y_query[index],
+        )
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """The inner optimizer: a ``torch.optim`` name and its hyperparameters.
+
+    ``name`` is ``"sgd"`` or ``"adam"``; every implementation maps it to its own optimizer
+    (``torch.optim.SGD`` for higher, ``higher_func.optim.sgd`` for the functional loop, ...).
+    """
+
+    name: str
+    hyperparameters: dict[str, Any]
+
+    def torch_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.name]
+        return cls(params, **self.hyperparameters)
+
+    def describe(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.hyperparameters.items())
+        return f"{self.name}({options})"
+
+
+@dataclass(frozen=True)
+class MamlProblem:
+    """A MAML workload: meta-learn a model's initialisation over a batch of tasks.
+
+    One meta-iteration adapts the model to every task with ``inner_steps`` steps of
+    ``inner`` on the support set, sums the query losses (graph through the inner loop
+    kept unless ``first_order``), back-propagates to the initial weights and takes one
+    outer Adam step.
+    """
+
+    key: str
+    title: str
+    build_model: Callable[[], nn.Module]
+    tasks: Tasks
+    loss: Callable[[Tensor, Tensor], Tensor]
+    inner: InnerOptimizer
+    inner_steps: int
+    outer_lr: float = 1e-3
+    first_order: bool = False
+    device: str = "cpu"
+
+    def model(self) -> nn.Module:
+        """A fresh model, identical for every implementation (seeded), on the device."""
+        torch.manual_seed(SEED)
+        return self.build_model().to(self.device)
+
+
+@dataclass(frozen=True)
+class HyperProblem:
+    """Hyperparameter learning: the validation loss after ``steps`` unrolled Adam steps.
+
+    The learning rate and weight decay are ``exp(log_lr)`` and ``exp(log_weight_decay)``
+    of two learned scalar tensors; one iteration unrolls the training from the same initial
+    weights, back-propagates the validation loss to the two logarithms and takes one outer
+    Adam step on them.
+    """
+
+    key: str
+    title: str
+    build_model: Callable[[], nn.Module]
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    steps: int = 20
+    initial_lr: float = 1e-2
+    initial_weight_decay: float = 1e-3
+    outer_lr: float = 1e-2
+    device: str = "cpu"
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(SEED)
+        return self.build_model().to(self.device)
+
+    def log_hyperparameters(self) -> tuple[Tensor, Tensor]:
+        """Fresh learned leaves ``(log_lr, log_weight_decay)``."""
+        make = lambda value: torch.tensor(  # noqa: E731
+            math.log(value), device=self.device, requires_grad=True
+        )
+        return make(self.initial_lr), make(self.initial_weight_decay)
+
+
+@dataclass(frozen=True)
+class SetupProblem:
+    """The cost of entering ``innerloop_ctx`` (and leaving it) for a large model."""
+
+    key: str
+    title: str
+    build_model: Callable[[], nn.Module]
+    inner: InnerOptimizer
+    copy_initial_weights: bool = True
+    device: str = "cpu"
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(SEED)
+        return self.build_model().to(self.device)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row group of the report: a key, a family and the problem it runs."""
+
+    key: str
+    family: str  # "maml", "hyper", "setup" or "memory"
+    problem: Any
+    measures_time: bool = True
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def sinusoid_mlp() -> nn.Module:
+    """MLP 1-40-40-1 with ReLU (Finn et al., 2017)."""
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+
+
+def omniglot_convnet(ways: int = 5) -> nn.Module:
+    """4 x [conv 3x3 64ch, BatchNorm, ReLU, max-pool 2] + linear, for 28x28x1 inputs.
+
+    BatchNorm uses batch statistics only (``track_running_stats=False``), as in MAML, so no
+    implementation has buffers to update: the benchmark times the same computation for all.
+    """
+    blocks: list[nn.Module] = []
+    channels = 1
+    for _ in range(4):
+        blocks += [
+            nn.Conv2d(channels, 64, 3, padding=1),
+            nn.BatchNorm2d(64, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = 64
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(64, ways))
+
+
+def hyper_mlp() -> nn.Module:
+    """A small MLP 20-64-64-1 for the hyperparameter-learning workload."""
+    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+
+
+def large_mlp() -> nn.Module:
+    """About 10 million parameters in 20 tensors (ten 1000x1000 linear layers)."""
+    layers: list[nn.Module] = []
+    for _ in range(10):
+        layers += [nn.Linear(1000, 1000), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def memory_mlp() -> nn.Module:
+    """MLP 784-256-256-10 (about 270k parameters) for the memory workload."""
+    return nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sinusoid_tasks(tasks: int, shots: int, generator: torch.Generator) -> Tasks:
+    """Regression tasks ``y = a sin(x - phase)``, ``a ~ U[0.1, 5]``, ``phase ~ U[0, pi]``."""
+    amplitude = 0.1 + 4.9 * torch.rand(tasks, 1, 1, generator=generator)
+    phase = math.pi * torch.rand(tasks, 1, 1, generator=generator)
+
+    def sample() -> tuple[Tensor, Tensor]:
+        x = -5.0 + 10.0 * torch.rand(tasks, shots, 1, generator=generator)
+        return x, amplitude * torch.sin(x - phase)
+
+    x_s, y_s = sample()
+    x_q, y_q = sample()
+    return Tasks(x_s, y_s, x_q, y_q)
+
+
+def image_tasks(
+    tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator
+) -> Tasks:
+    """Omniglot-shaped classification tasks: 28x28x1 images, class prototypes plus noise."""
+    prototypes = torch.rand(tasks, ways, 1, 28, 28, generator=generator)
+
+    def sample(per_class: int) -> tuple[Tensor, Tensor]:
+        noise = 0.3 * torch.randn(tasks, ways, per_class, 1, 28, 28, generator=generator)
+        images = (prototypes.unsqueeze(2) + noise).reshape(tasks, ways * per_class, 1, 28, 28)
+        labels = torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1)
+        return images, labels.contiguous()
+
+    x_s, y_s = sample(shots)
+    x_q, y_q = sample(queries)
+    return Tasks(x_s, y_s, x_q, y_q)
+
+
+def _to(tasks: Tasks, device: str) -> Tasks:
+    return Tasks(*(t.to(device) for t in tasks))
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+SINUSOID_SGD = InnerOptimizer("sgd", {"lr": 0.01})
+SINUSOID_ADAM = InnerOptimizer("adam", {"lr": 0.01})
+SINUSOID_MOMENTUM = InnerOptimizer("sgd", {"lr": 0.01, "momentum": 0.9})
+OMNIGLOT_SGD = InnerOptimizer("sgd", {"lr": 0.4})
+MEMORY_STEPS = (5, 20, 50)
+
+
+def sinusoid_problem(key: str, title: str, inner: InnerOptimizer, device: str) -> MamlProblem:
+    tasks = sinusoid_tasks(25, 10, torch.Generator().manual_seed(SEED))
+    return MamlProblem(
+        key=key,
+        title=title,
+        build_model=sinusoid_mlp,
+        tasks=_to(tasks, device),
+        loss=F.mse_loss,
+        inner=inner,
+        inner_steps=5,
+        device=device,
+    )
+
+
+def omniglot_problem(device: str) -> MamlProblem:
+    tasks = image_tasks(4, 5, 1, 15, torch.Generator().manual_seed(SEED))
+    return MamlProblem(
+        key="3",
+        title="Omniglot-shaped MAML, conv net, 5-way 1-shot, 4 tasks, 5 inner SGD steps",
+        build_model=omniglot_convnet,
+        tasks=_to(tasks, device),
+        loss=F.cross_entropy,
+        inner=OMNIGLOT_SGD,
+        inner_steps=5,
+        device=device,
+    )
+
+
+def hyper_problem(device: str) -> HyperProblem:
+    generator = torch.Generator().manual_seed(SEED)
+    teacher = torch.randn(20, 1, generator=generator)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        x = torch.randn(n, 20, generator=generator)
+        y = torch.tanh(x @ teacher) + 0.1 * torch.randn(n, 1, generator=generator)
+        return x.to(device), y.to(device)
+
+    x_train, y_train = sample(256)
+    x_val, y_val = sample(256)
+    return HyperProblem(
+        key="4",
+        title="Hyperparameter learning, 20 unrolled Adam steps, learned lr and weight decay",
+        build_model=hyper_mlp,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        device=device,
+    )
+
+
+def setup_problem(device: str) -> SetupProblem:
+    return SetupProblem(
+        key="5",
+        title="Set-up: enter and leave innerloop_ctx, 10M-parameter MLP, SGD",
+        build_model=large_mlp,
+        inner=InnerOptimizer("sgd", {"lr": 0.1}),
+        device=device,
+    )
+
+
+def memory_problem(steps: int, first_order: bool, device: str) -> MamlProblem:
+    """One task, 100 support and 100 query images of 784 features, 10 classes."""
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(1, 200, 784, generator=generator)
+    y = torch.randint(0, 10, (1, 200), generator=generator)
+    tasks = Tasks(x[:, :100], y[:, :100], x[:, 100:], y[:, 100:])
+    mode = "first order" if first_order else "tracked"
+    return MamlProblem(
+        key=f"6-{'fo' if first_order else 'tracked'}-{steps}",
+        title=f"Memory: MLP 784-256-256-10, 1 task, {steps} inner SGD steps, {mode}",
+        build_model=memory_mlp,
+        tasks=_to(tasks, device),
+        loss=F.cross_entropy,
+        inner=InnerOptimizer("sgd", {"lr": 0.1}),
+        inner_steps=steps,
+        first_order=first_order,
+        device=device,
+    )
+
+
+def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> list[Workload]:
+    """Every workload, in report order."""
+    timed = [
+        Workload(
+            "1",
+            "maml",
+            sinusoid_problem(
+                "1", "Sinusoid MAML, MLP 1-40-40-1, 25 tasks, 5 inner SGD steps", SINUSOID_SGD, device
+            ),
+        ),
+        Workload(
+            "2",
+            "maml",
+            sinusoid_problem(
+                "2", "Sinusoid MAML, 25 tasks, 5 inner Adam steps", SINUSOID_ADAM, device
+            ),
+        ),
+        Workload(
+            "2b",
+            "maml",
+            sinusoid_problem(
+                "2b", "Sinusoid MAML, 25 tasks, 5 inner SGD-momentum steps", SINUSOID_MOMENTUM, device
+            ),
+        ),
+        Workload("3", "maml", omniglot_problem(device)),
+        Workload("4", "hyper", hyper_problem(device)),
+        Workload("5", "setup", setup_problem(device)),
+    ]
+    memory = [
+        Workload(
+            memory_problem(steps, first_order, device).key,
+            "memory",
+            memory_problem(steps, first_order, device),
+            measures_time=False,
+        )
+        for first_order in (False, True)
+        for steps in memory_steps
+    ]
+    return timed + memory
