@@ -1,0 +1,135 @@
+"""Gradients through the rules: gradcheck/gradgradcheck, torch.func.grad, zero second moments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import higher_func as hf
+from optimizer_cases import CASE_IDS, CASES, OptimizerCase
+
+
+def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A smooth, non-quadratic loss, so that second-order terms matter."""
+    return (torch.sin(params["w"]) * params["w"]).sum() + (params["b"] ** 3).sum()
+
+
+def unroll(rule: hf.optim.Rule, params: dict[str, torch.Tensor], steps: int):
+    state = rule.init(params)
+    for _ in range(steps):
+        values = torch.autograd.grad(loss_fn(params), list(params.values()), create_graph=True)
+        params, state = rule.step(params, dict(zip(params, values, strict=True)), state)
+    return params
+
+
+def hyperparameter_leaves(case: OptimizerCase) -> tuple[list[str], list[torch.Tensor]]:
+    """Every numeric hyperparameter of the case as a float64 tensor requiring grad."""
+    names, leaves = [], []
+    for name, value in case.tensor_hyperparameters.items():
+        for index, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            names.append(f"{name}.{index}" if isinstance(value, tuple) else name)
+            leaves.append(torch.tensor(v, dtype=torch.float64, requires_grad=True))
+    return names, leaves
+
+
+def rebuild(case: OptimizerCase, names: list[str], leaves: tuple[torch.Tensor, ...]) -> dict:
+    options: dict[str, Any] = dict(case.gradcheck_options)
+    pairs: dict[str, list[torch.Tensor]] = {}
+    for name, leaf in zip(names, leaves, strict=True):
+        if "." in name:
+            pairs.setdefault(name.split(".")[0], []).append(leaf)
+        else:
+            options[name] = leaf
+    options.update({k: tuple(v) for k, v in pairs.items()})
+    return options
+
+
+def initial_params() -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.tensor([[0.3, -1.2], [0.8, 2.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.5, -0.7, 1.1], dtype=torch.float64, requires_grad=True)
+    return w, b
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradcheck_through_unrolled_steps(case: OptimizerCase) -> None:
+    names, hyper = hyperparameter_leaves(case)
+
+    def final_params(w, b, *hyper_leaves):
+        rule = case.factory(**rebuild(case, names, hyper_leaves))
+        out = unroll(rule, {"w": w, "b": b}, case.gradcheck_steps)
+        return out["w"], out["b"]
+
+    inputs = (*initial_params(), *hyper)
+    assert gradcheck(final_params, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradgradcheck_through_unrolled_steps(case: OptimizerCase) -> None:
+    names, hyper = hyperparameter_leaves(case)
+
+    def final_loss(w, b, *hyper_leaves):
+        rule = case.factory(**rebuild(case, names, hyper_leaves))
+        return loss_fn(unroll(rule, {"w": w, "b": b}, 2))
+
+    inputs = (*initial_params(), *hyper)
+    assert gradgradcheck(final_loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_func_grad_of_three_step_unroll_equals_autograd(case: OptimizerCase) -> None:
+    rule = case.factory(**case.option_sets[-1])
+
+    def unrolled_loss(params):
+        state = rule.init(params)
+        for _ in range(3):
+            params, state = rule.step(params, torch.func.grad(loss_fn)(params), state)
+        return loss_fn(params)
+
+    w, b = initial_params()
+    params = {"w": w, "b": b}
+    expected = torch.autograd.grad(loss_fn(unroll(rule, params, 3)), [w, b])
+    got = torch.func.grad(unrolled_loss)(params)
+    torch.testing.assert_close(got["w"], expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got["b"], expected[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradient_stays_finite_when_a_gradient_is_exactly_zero(case: OptimizerCase) -> None:
+    """A zero gradient gives a zero second moment; sqrt'(0) must not turn into nan."""
+    for options in case.option_sets:
+        w = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+        rule = case.factory(**options)
+
+        def quadratic_with_flat_spot(p):
+            return (p * p * torch.tensor([0.0, 1.0], dtype=torch.float64)).sum()
+
+        params, state = {"w": w}, rule.init({"w": w})
+        for _ in range(3):
+            (g,) = torch.autograd.grad(quadratic_with_flat_spot(params["w"]), [params["w"]],
+                                       create_graph=True)
+            params, state = rule.step(params, {"w": g}, state)
+        (meta_grad,) = torch.autograd.grad(params["w"].sum(), [w])
+        assert torch.isfinite(meta_grad).all(), f"{case.name}{options}: {meta_grad}"
+
+
+def test_safe_sqrt_values_and_derivatives() -> None:
+    x = torch.tensor([0.0, 4.0, -1.0], dtype=torch.float64, requires_grad=True)
+    y = hf.optim.safe_sqrt(x)
+    assert y[0] == 0 and y[1] == 2 and torch.isnan(y[2])
+    (g,) = torch.autograd.grad(y[:2].sum(), [x])
+    assert g.tolist()[:2] == [0.0, 0.25]
+
+
+def test_learned_lr_receives_its_hypergradient() -> None:
+    """d/d lr of one SGD step on a quadratic is known in closed form: -g . g."""
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    rule = hf.optim.sgd(lr=lr)
+    params, _ = rule.step({"w": w}, {"w": 2 * w}, rule.init({"w": w}))
+    loss = (params["w"] ** 2).sum()  # = |w - 2 lr w|^2
+    (d_lr,) = torch.autograd.grad(loss, [lr])
+    expected = (2 * (w - 2 * lr * w) * (-2 * w)).sum()
+    torch.testing.assert_close(d_lr, expected.detach(), rtol=1e-14, atol=0)
