@@ -34,7 +34,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     inner = hf.optim.sgd(lr=0.01)
 
@@ -50,9 +52,13 @@ def main() -> None:
     for iteration in range(args.iterations + 1):
         (xs, ys), (xq, yq) = sample_tasks(args.tasks, 10, generator)
         params = dict(model.named_parameters())
-        meta_loss = sum(
-            adapted_query_loss(params, (xs[t], ys[t]), (xq[t], yq[t])) for t in range(args.tasks)
-        ) / args.tasks
+        meta_loss = (
+            sum(
+                adapted_query_loss(params, (xs[t], ys[t]), (xq[t], yq[t]))
+                for t in range(args.tasks)
+            )
+            / args.tasks
+        )
         meta_opt.zero_grad()
         meta_loss.backward()
         meta_opt.step()

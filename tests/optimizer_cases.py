@@ -141,8 +141,13 @@ CASES = (
             {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
             {"lr": 0.01, "maximize": True, "betas": (0.8, 0.99)},
         ),
-        {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1,
-         "momentum_decay": 0.01},
+        {
+            "lr": 0.01,
+            "betas": (0.8, 0.95),
+            "eps": 1e-3,
+            "weight_decay": 0.1,
+            "momentum_decay": 0.01,
+        },
     ),
     OptimizerCase(
         torch.optim.RAdam,
@@ -160,9 +165,7 @@ CASES = (
 
 CASE_IDS = [case.name for case in CASES]
 
-OPTION_CASES = [
-    (case, options) for case in CASES for options in case.option_sets
-]
+OPTION_CASES = [(case, options) for case in CASES for options in case.option_sets]
 OPTION_IDS = [
     f"{case.name}-" + ("-".join(f"{k}={v}" for k, v in options.items()) or "defaults")
     for case, options in OPTION_CASES

@@ -8,9 +8,9 @@ from typing import Any
 import optree
 import pytest
 import torch
+from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 import higher_func as hf
-from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 
 def params_and_grads(dtype=torch.float64):
@@ -190,16 +190,31 @@ BAD_INPUT = [
     (lambda: hf.optim.rprop(etas=(1.5, 2.0)), ValueError, "Invalid eta values"),
     (lambda: hf.optim.adam(amsgrad=1), TypeError, "amsgrad must be a bool"),
     (lambda: hf.optim.adam(amsgrad={"w": True}), TypeError, "cannot be given per parameter"),
-    (lambda: hf.optim.rule_factory(torch.optim.LBFGS), TypeError, "No differentiable rule for LBFGS"),
-    (lambda: hf.optim.make_rule(hf.optim.adam().spec, {"lrr": 1}), TypeError, r"unknown option\(s\) \['lrr'\]"),
+    (
+        lambda: hf.optim.rule_factory(torch.optim.LBFGS),
+        TypeError,
+        "No differentiable rule for LBFGS",
+    ),
+    (
+        lambda: hf.optim.make_rule(hf.optim.adam().spec, {"lrr": 1}),
+        TypeError,
+        r"unknown option\(s\) \['lrr'\]",
+    ),
 ]
 
 STEP_ERRORS: list[tuple[dict[str, Any], type, str]] = [
     ({"grads": {"w": torch.ones(2)}}, ValueError, r"Missing key\(s\): \['b'\]"),
-    ({"grads": {"w": torch.ones(2), "b": torch.ones(1), "c": torch.ones(1)}}, ValueError,
-     r"Unexpected key\(s\): \['c'\]"),
+    (
+        {"grads": {"w": torch.ones(2), "b": torch.ones(1), "c": torch.ones(1)}},
+        ValueError,
+        r"Unexpected key\(s\): \['c'\]",
+    ),
     ({"grads": {"w": torch.ones(2), "b": 1.0}}, TypeError, "grads must hold tensors or None"),
-    ({"params": {"w": torch.ones(2), "b": 3.0}}, TypeError, r"params\['b'\] must be a torch.Tensor"),
+    (
+        {"params": {"w": torch.ones(2), "b": 3.0}},
+        TypeError,
+        r"params\['b'\] must be a torch.Tensor",
+    ),
     ({"state": "nope"}, TypeError, "state must be the AdamState returned by init"),
     ({"overrides": {"lrr": 0.1}}, TypeError, "unknown hyperparameter override 'lrr'"),
     ({"overrides": {"amsgrad": True}}, TypeError, "cannot override 'amsgrad' per step"),
@@ -218,8 +233,11 @@ def test_bad_construction(make, error: type, message: str) -> None:
 def test_bad_step_input(change: dict[str, Any], error: type, message: str) -> None:
     rule = hf.optim.adam()
     params = {"w": torch.ones(2), "b": torch.ones(1)}
-    arguments = {"params": params, "grads": {"w": torch.ones(2), "b": torch.ones(1)},
-                 "state": rule.init(params)}
+    arguments = {
+        "params": params,
+        "grads": {"w": torch.ones(2), "b": torch.ones(1)},
+        "state": rule.init(params),
+    }
     overrides = change.pop("overrides", {})
     arguments.update(change)
     with pytest.raises(error, match=message):
@@ -252,7 +270,8 @@ def test_implementation_flags_are_accepted_and_change_nothing() -> None:
     plain, _ = step_n(hf.optim.adam(lr=0.1), params, grads)
     flagged, _ = step_n(
         hf.optim.adam(lr=0.1, foreach=True, fused=False, capturable=True, differentiable=True),
-        params, grads,
+        params,
+        grads,
     )
     torch.testing.assert_close(plain, flagged, rtol=0, atol=0)
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 import torch
+from optimizer_cases import CASE_IDS, CASES, OptimizerCase
 from torch.autograd import gradcheck, gradgradcheck
 
 import higher_func as hf
-from optimizer_cases import CASE_IDS, CASES, OptimizerCase
 
 
 def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,8 +108,9 @@ def test_gradient_stays_finite_when_a_gradient_is_exactly_zero(case: OptimizerCa
 
         params, state = {"w": w}, rule.init({"w": w})
         for _ in range(3):
-            (g,) = torch.autograd.grad(quadratic_with_flat_spot(params["w"]), [params["w"]],
-                                       create_graph=True)
+            (g,) = torch.autograd.grad(
+                quadratic_with_flat_spot(params["w"]), [params["w"]], create_graph=True
+            )
             params, state = rule.step(params, {"w": g}, state)
         (meta_grad,) = torch.autograd.grad(params["w"].sum(), [w])
         assert torch.isfinite(meta_grad).all(), f"{case.name}{options}: {meta_grad}"

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import torch
+from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 import higher_func as hf
-from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 STEPS = 12
 TOLERANCE = 1e-10
@@ -65,7 +65,7 @@ def assert_matches_torch(
     params: dict[str, torch.Tensor],
 ) -> float:
     worst = 0.0
-    for rule, names, state in groups:
+    for _rule, names, state in groups:
         for name in names:
             worst = max(worst, relative_error(params[name], torch_params[name].detach()))
             torch_state = optimizer.state.get(torch_params[name], {})

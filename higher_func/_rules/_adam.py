@@ -44,9 +44,7 @@ def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
     return state
 
 
-def apply_weight_decay(
-    param: Tensor, grad: Tensor, hp: Hyperparameters
-) -> tuple[Tensor, Tensor]:
+def apply_weight_decay(param: Tensor, grad: Tensor, hp: Hyperparameters) -> tuple[Tensor, Tensor]:
     """Adam-family weight decay: shrink the parameter (decoupled) or add to the gradient."""
     weight_decay = hp["weight_decay"]
     if is_zero(weight_decay):

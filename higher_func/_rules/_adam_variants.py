@@ -27,9 +27,7 @@ def _moments_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
     }
 
 
-def _moments(
-    grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
-) -> tuple[Tensor, Tensor]:
+def _moments(grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters) -> tuple[Tensor, Tensor]:
     beta1, beta2 = hp["betas"]
     exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad

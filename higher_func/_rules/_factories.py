@@ -310,7 +310,7 @@ def nadam(
         >>> params, _ = rule.step(params, {"w": torch.ones(1, dtype=torch.float64)},
         ...                       rule.init(params))
         >>> round(params["w"].item(), 6)
-        -0.1
+        -0.105645
     """
     return build_rule(NADAM, _options(locals()))
 

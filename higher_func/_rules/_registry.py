@@ -31,8 +31,17 @@ _REGISTRY: dict[type, RuleFactory] = {
 
 #: Keys that torch's learning-rate schedulers and named parameters add to a group.
 _BOOKKEEPING_KEYS = frozenset(
-    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum",
-     "max_momentum", "swa_lr", "base_lr"}
+    {
+        "params",
+        "param_names",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "base_momentum",
+        "max_momentum",
+        "swa_lr",
+        "base_lr",
+    }
 )
 
 
@@ -61,7 +70,9 @@ def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
     validated here by building a rule from its defaults and stepping a one-element
     parameter once, so a broken rule fails at registration, not in a training loop.
     """
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+    if not (
+        isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+    ):
         raise TypeError(
             f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}."
         )
@@ -139,7 +150,9 @@ def from_torch_optimizer(
         ('sgd', ('weight', 'bias'))
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
     by_id = {id(t): name for name, t in named_params(params).items()}
     factory = rule_factory(type(optimizer))
     groups = []
@@ -154,7 +167,9 @@ def from_torch_optimizer(
                 )
             names.append(by_id[id(p)])
         rule = factory(**group_hyperparameters(group))
-        states = {n: optimizer.state.get(p, {}) for n, p in zip(names, group["params"], strict=True)}
+        states = {
+            n: optimizer.state.get(p, {}) for n, p in zip(names, group["params"], strict=True)
+        }
         state = import_state(rule, dict(zip(names, group["params"], strict=True)), states)
         groups.append(ImportedGroup(rule, tuple(names), state))
     return groups
@@ -176,9 +191,10 @@ def import_state(
             f"{rule!r} is not built from a RuleSpec, so torch.optim state cannot be imported "
             f"into it. Use a fresh optimizer, or build the rule with higher_func.optim.make_rule."
         )
-    treespec = optree.tree_structure(params, none_is_leaf=True)
+    treespec: Any = optree.tree_structure(params, none_is_leaf=True)  # type: ignore[arg-type]
+    names: list[Any] = treespec.flatten_up_to({name: name for name in params})
     per_leaf = []
-    for name in treespec.flatten_up_to(dict(zip(params, params, strict=True))):
+    for name in names:
         p, torch_state = params[name], torch_states.get(name, {})
         fresh = spec.init(p.detach(), rule.hyperparameters)
         if spec.import_state is not None:

@@ -113,7 +113,7 @@ def _rprop_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 
 def _clamp(x: Tensor, low: Any, high: Any) -> Tensor:
     if isinstance(low, numbers.Number) and isinstance(high, numbers.Number):
-        return torch.clamp(x, low, high)
+        return torch.clamp(x, float(low), float(high))  # type: ignore[arg-type]
     return torch.minimum(torch.maximum(x, torch.as_tensor(low)), torch.as_tensor(high))
 
 
