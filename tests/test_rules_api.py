@@ -319,3 +319,43 @@ def test_from_torch_optimizer_ignores_scheduler_bookkeeping() -> None:
     [group] = hf.optim.from_torch_optimizer(optimizer, model)
     assert group.rule.hyperparameters["lr"] == 0.1
     assert group.names == ("weight", "bias")
+
+
+# --------------------------------------------------------------------------- foreach path
+
+
+@pytest.mark.parametrize(("case", "options"), OPTION_CASES, ids=OPTION_IDS)
+def test_foreach_path_equals_per_tensor_path(
+    case: OptimizerCase, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from higher_func._rules import _core
+
+    params, grads = params_and_grads()
+    params = {**params, "x": torch.randn(4, 1, dtype=torch.float64)}
+    grads = {**grads, "x": torch.zeros(4, 1, dtype=torch.float64)}  # zero moments too
+    calls = []
+    monkeypatch.setattr(_core, "can_batch", lambda ts: calls.append(len(ts)) or True)
+    batched, batched_state = step_n(case.factory(**options), params, grads)
+    assert calls == [3, 3, 3]  # the foreach path really ran, over all three tensors
+    monkeypatch.setattr(_core, "can_batch", lambda ts: False)
+    single, single_state = step_n(case.factory(**options), params, grads)
+    torch.testing.assert_close(batched, single, rtol=1e-15, atol=1e-300)
+    torch.testing.assert_close(batched_state, single_state, rtol=1e-15, atol=1e-300)
+
+
+def test_eager_steps_take_the_foreach_path_and_transforms_do_not() -> None:
+    from higher_func._rules._tensor_list import can_batch
+
+    tensors = [torch.ones(2), torch.ones(3)]
+    assert can_batch(tensors)
+    assert not can_batch(tensors[:1])
+    seen = []
+    torch.func.vmap(lambda x: seen.append(can_batch([x, x])) or x)(torch.ones(3, 2))
+    torch.func.grad(lambda x: seen.append(can_batch([x, x])) or x.sum())(torch.ones(2))
+    assert seen == [False, False]
+
+
+def test_complex_parameters_are_refused() -> None:
+    rule = hf.optim.adam()
+    with pytest.raises(TypeError, match=r"params\['z'\] is complex"):
+        rule.init({"z": torch.ones(2, dtype=torch.complex64)})

@@ -18,6 +18,8 @@ import optree
 import torch
 from torch import Tensor
 
+from ._tensor_list import TensorList, can_batch
+
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
 #: Options of ``torch.optim`` that select an implementation, never the math.
@@ -120,15 +122,31 @@ class Rule:
         leaves, treespec = _leaves("params", params)
         grad_leaves = _grads_like(grads, treespec)
         fields = self.spec.fields(hyperparameters)
-        state_leaves = _state_like(state, self.spec.state_type, fields, treespec)
-        hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
-        new_params, new_states = [], []
-        for p, g, s, hp in zip(leaves, grad_leaves, state_leaves, hps, strict=True):
-            if g is not None:
-                p, s = self.spec.update(p, g, s, hp)
-            new_params.append(p)
-            new_states.append(s)
-        new_state = _assemble_state(self.spec.state_type, fields, new_states, treespec)
+        columns = _state_columns(state, self.spec.state_type, fields, treespec)
+        active = [i for i, g in enumerate(grad_leaves) if g is not None]
+        new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
+        if _is_shared(hyperparameters) and can_batch([leaves[i] for i in active]):
+            # All parameters at once: one foreach op per line of the kernel.
+            p, s = self.spec.update(
+                TensorList([leaves[i] for i in active]),
+                TensorList([grad_leaves[i] for i in active]),
+                {f: TensorList([c[i] for i in active]) for f, c in columns.items()},
+                hyperparameters,
+            )
+            for position, i in enumerate(active):
+                new_params[i] = p.items[position]
+                for f in fields:
+                    new_columns[f][i] = s[f].items[position]
+        else:
+            hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+            for i in active:
+                p, s = self.spec.update(
+                    leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
+                )
+                new_params[i] = p
+                for f in fields:
+                    new_columns[f][i] = s[f]
+        new_state = _state_from_columns(self.spec.state_type, new_columns, treespec)
         return optree.tree_unflatten(treespec, new_params), new_state
 
     def _with_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,6 +201,11 @@ def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
                 f"{argument}{_format_path(path)} must be a torch.Tensor, got "
                 f"{type(leaf).__name__}. Pass tensors (e.g. torch.tensor(value)) as {argument}."
             )
+        if leaf.is_complex():
+            raise TypeError(
+                f"{argument}{_format_path(path)} is complex ({leaf.dtype}); the rules support "
+                f"real tensors. Optimize torch.view_as_real({argument}...) instead."
+            )
     return leaves, treespec
 
 
@@ -200,9 +223,10 @@ def _grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
     return leaves
 
 
-def _state_like(
+def _state_columns(
     state: Any, state_type: type, fields: tuple[str, ...], treespec: Any
-) -> list[dict[str, Tensor]]:
+) -> dict[str, list[Tensor]]:
+    """Each state field needed by ``fields`` as a list of leaves in ``treespec`` order."""
     if not isinstance(state, state_type):
         raise TypeError(
             f"state must be the {state_type.__name__} returned by init() or step(), got "
@@ -223,17 +247,24 @@ def _state_like(
                 f"state.{field} must have the same structure as params. "
                 f"{_mismatch(treespec, tree)} Build the state with rule.init(params)."
             ) from error
-    count = treespec.num_leaves
-    return [{f: column[i] for f, column in columns.items()} for i in range(count)]
+    return columns
+
+
+def _state_from_columns(state_type: Any, columns: dict[str, list[Tensor]], treespec: Any) -> Any:
+    trees = {field: optree.tree_unflatten(treespec, column) for field, column in columns.items()}
+    return state_type(**{f: trees.get(f) for f in state_type._fields})
 
 
 def _assemble_state(
     state_type: Any, fields: tuple[str, ...], per_leaf: list[dict[str, Tensor]], treespec: Any
 ) -> Any:
-    trees = {
-        field: optree.tree_unflatten(treespec, [s[field] for s in per_leaf]) for field in fields
-    }
-    return state_type(**{f: trees.get(f) for f in state_type._fields})
+    columns = {field: [s[field] for s in per_leaf] for field in fields}
+    return _state_from_columns(state_type, columns, treespec)
+
+
+def _is_shared(hyperparameters: Hyperparameters) -> bool:
+    """No per-parameter values: every parameter sees the same hyperparameters."""
+    return not any(isinstance(v, Mapping) for v in hyperparameters.values())
 
 
 def _per_leaf_hyperparameters(
@@ -281,7 +312,7 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- math helpers
 
 
-def safe_sqrt(x: Tensor) -> Tensor:
+def safe_sqrt(x: Any) -> Any:
     """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of infinity.
 
     ``torch.sqrt`` has an infinite derivative at 0; through an optimizer step that
@@ -289,7 +320,22 @@ def safe_sqrt(x: Tensor) -> Tensor:
     exactly zero.  The value is unchanged everywhere, the derivative too for ``x > 0``,
     and negative inputs still give ``nan`` as in ``torch.sqrt``.  No hooks are involved,
     so it holds to every order, under ``vmap`` and under ``torch.compile``.
+
+    Example:
+        >>> import torch
+        >>> from higher_func.optim import safe_sqrt
+        >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> torch.autograd.grad(safe_sqrt(x).sum(), x)[0]
+        tensor([0.0000, 0.2500])
     """
+    if isinstance(x, TensorList):
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in x.items)):
+            return torch.sqrt(x)  # no derivative wanted: one foreach op, same values
+        return TensorList([_safe_sqrt(t) for t in x.items])
+    return _safe_sqrt(x)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
     zero = x == 0
     return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
 

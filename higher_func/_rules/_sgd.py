@@ -48,10 +48,11 @@ def _update(
     if not is_zero(hp["weight_decay"]):
         grad = grad + hp["weight_decay"] * param
     if state:
-        momentum, step = hp["momentum"], state["step"]
+        momentum, dampening, step = hp["momentum"], hp["dampening"], state["step"]
         # torch seeds the buffer with the first gradient, undamped: 0 * m + 1 * g == g.
-        grad_scale = torch.where(step == 0, torch.ones_like(step), 1 - hp["dampening"])
-        buffer = momentum * state["momentum_buffer"] + grad_scale * grad
+        if not is_zero(dampening):
+            grad = (1 - dampening * torch.clamp(step, max=1)) * grad
+        buffer = momentum * state["momentum_buffer"] + grad
         grad = grad + momentum * buffer if hp["nesterov"] else buffer
         state = {"momentum_buffer": buffer, "step": step + 1}
     return param - hp["lr"] * grad, state

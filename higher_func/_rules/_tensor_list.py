@@ -1,0 +1,178 @@
+"""Run a per-tensor kernel over many tensors at once with ``torch._foreach_*`` ops.
+
+Each rule is written once, as a kernel over single tensors.  :class:`TensorList` lets the
+same kernel run over all parameters of a step: arithmetic and the few torch functions the
+kernels use dispatch to PyTorch's multi-tensor (``_foreach``) kernels, which launch one op
+per list instead of one per tensor and record one autograd node per list.  Anything else
+falls back to applying the torch function tensor by tensor, so a kernel never needs to
+know which way it runs.  The values are those of the per-tensor kernel up to rounding (the foreach ops compute the
+same elementwise expressions; a few round differently in the last bit).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TensorList", "can_batch"]
+
+
+def can_batch(tensors: Sequence[Tensor]) -> bool:
+    """Whether the foreach path applies: eager mode, no functorch transform, dense tensors.
+
+    ``torch._foreach_*`` ops have no ``vmap`` batching rule, and under ``torch.compile`` the
+    per-tensor kernel is what the compiler fuses best, so both take the per-tensor path.
+    """
+    if len(tensors) < 2 or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return len({(t.device, t.layout) for t in tensors}) == 1 and tensors[0].layout == torch.strided
+
+
+class TensorList:
+    """A list of tensors with elementwise arithmetic (see the module docstring)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # Arithmetic: foreach ops where they exist for the operand kinds, else tensor by tensor.
+    def __add__(self, other: Any) -> TensorList:
+        return _binary(torch._foreach_add, torch.add, self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> TensorList:
+        return _binary(torch._foreach_sub, torch.sub, self, other)
+
+    def __rsub__(self, other: Any) -> TensorList:
+        return -self + other  # exact: y - x and (-x) + y round the same in IEEE arithmetic
+
+    def __mul__(self, other: Any) -> TensorList:
+        return _binary(torch._foreach_mul, torch.mul, self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> TensorList:
+        return _binary(torch._foreach_div, torch.div, self, other)
+
+    def __rtruediv__(self, other: Any) -> TensorList:
+        if _operand(other, len(self)) is NotImplemented or not self.items:
+            return _elementwise(lambda x, y: y / x, self, other)
+        first = self.items[0]
+        numerator = torch.as_tensor(other, dtype=first.dtype, device=first.device)
+        return TensorList(torch._foreach_div([numerator] * len(self), self.items))
+
+    def __pow__(self, other: Any) -> TensorList:
+        return _binary(torch._foreach_pow, torch.pow, self, other)
+
+    def __rpow__(self, other: Any) -> TensorList:
+        if isinstance(other, numbers.Real):
+            return TensorList(torch._foreach_pow(other, self.items))
+        return _elementwise(lambda x, y: y**x, self, other)
+
+    def __neg__(self) -> TensorList:
+        return TensorList(torch._foreach_neg(self.items))
+
+    def __eq__(self, other: Any) -> TensorList:  # type: ignore[override]
+        return _elementwise(torch.eq, self, other)
+
+    def __gt__(self, other: Any) -> TensorList:
+        return _elementwise(torch.gt, self, other)
+
+    def __lt__(self, other: Any) -> TensorList:
+        return _elementwise(torch.lt, self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        batched = _FOREACH_FUNCTIONS.get(func)
+        if batched is not None and not kwargs:
+            result = batched(*args)
+            if result is not NotImplemented:
+                return result
+        return _elementwise(func, *args, **kwargs)
+
+
+def _elementwise(func: Callable[..., Any], *args: Any, **kwargs: Any) -> TensorList:
+    """Apply ``func`` tensor by tensor, indexing every TensorList argument."""
+    count = next(len(a) for a in (*args, *kwargs.values()) if isinstance(a, TensorList))
+
+    def pick(value: Any, index: int) -> Any:
+        return value.items[index] if isinstance(value, TensorList) else value
+
+    return TensorList(
+        func(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
+        for i in range(count)
+    )
+
+
+def _operand(value: Any, count: int) -> Any:
+    """The foreach form of an operand: a list, a Python scalar, or NotImplemented."""
+    if isinstance(value, TensorList):
+        return value.items
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Tensor) and value.dim() == 0:
+        # A shared (possibly learned) 0-d tensor: the list overload differentiates to it.
+        return [value] * count
+    return NotImplemented
+
+
+def _binary(
+    foreach_op: Callable[..., Any], op: Callable[..., Any], left: TensorList, right: Any
+) -> TensorList:
+    operand = _operand(right, len(left))
+    if operand is NotImplemented:
+        return _elementwise(op, left, right)
+    return TensorList(foreach_op(left.items, operand))
+
+
+def _lerp(start: Any, end: Any, weight: Any) -> Any:
+    if not (isinstance(start, TensorList) and isinstance(end, TensorList)):
+        return NotImplemented
+    operand = _operand(weight, len(start))
+    if operand is NotImplemented:
+        return NotImplemented
+    return TensorList(torch._foreach_lerp(start.items, end.items, operand))
+
+
+def _unary(foreach_op: Callable[..., Any]) -> Callable[[Any], Any]:
+    def apply(value: Any) -> Any:
+        if not isinstance(value, TensorList):
+            return NotImplemented
+        return TensorList(foreach_op(value.items))
+
+    return apply
+
+
+def _maximum(left: Any, right: Any) -> Any:
+    if not (isinstance(left, TensorList) and isinstance(right, TensorList)):
+        return NotImplemented
+    return TensorList(torch._foreach_maximum(left.items, right.items))
+
+
+_FOREACH_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.lerp: _lerp,
+    torch.maximum: _maximum,
+    torch.sqrt: _unary(torch._foreach_sqrt),
+    torch.abs: _unary(torch._foreach_abs),
+    torch.sign: _unary(torch._foreach_sign),
+}
