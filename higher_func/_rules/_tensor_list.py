@@ -5,8 +5,8 @@ same kernel run over all parameters of a step: arithmetic and the few torch func
 kernels use dispatch to PyTorch's multi-tensor (``_foreach``) kernels, which launch one op
 per list instead of one per tensor and record one autograd node per list.  Anything else
 falls back to applying the torch function tensor by tensor, so a kernel never needs to
-know which way it runs.  The values are those of the per-tensor kernel up to rounding (the foreach ops compute the
-same elementwise expressions; a few round differently in the last bit).
+know which way it runs.  The values are those of the per-tensor kernel up to rounding
+(the foreach ops compute the same elementwise expressions; a few differ in the last bit).
 """
 
 from __future__ import annotations
