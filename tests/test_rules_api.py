@@ -8,9 +8,10 @@ from typing import Any
 import optree
 import pytest
 import torch
-from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 import higher_func as hf
+
+from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 
 def params_and_grads(dtype=torch.float64):
@@ -189,6 +190,7 @@ BAD_INPUT = [
     (lambda: hf.optim.adadelta(rho=1.5), ValueError, "Invalid rho value: 1.5"),
     (lambda: hf.optim.rprop(etas=(1.5, 2.0)), ValueError, "Invalid eta values"),
     (lambda: hf.optim.adam(amsgrad=1), TypeError, "amsgrad must be a bool"),
+    (lambda: hf.optim.adamw(decoupled_weight_decay=False), ValueError, "always decouples"),
     (lambda: hf.optim.adam(amsgrad={"w": True}), TypeError, "cannot be given per parameter"),
     (
         lambda: hf.optim.rule_factory(torch.optim.LBFGS),

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 import torch
-from optimizer_cases import CASE_IDS, CASES, OptimizerCase
 from torch.autograd import gradcheck, gradgradcheck
 
 import higher_func as hf
+
+from optimizer_cases import CASE_IDS, CASES, OptimizerCase
 
 
 def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:

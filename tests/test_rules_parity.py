@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 import torch
-from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 import higher_func as hf
+
+from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 
 STEPS = 12
 TOLERANCE = 1e-10

@@ -89,6 +89,15 @@ def _validate(hp: Hyperparameters) -> None:
     check_type(hp, "decoupled_weight_decay", bool)
 
 
+def _validate_adamw(hp: Hyperparameters) -> None:
+    _validate(hp)
+    if hp["decoupled_weight_decay"] is not True:
+        raise ValueError(
+            "adamw() always decouples weight decay (decoupled_weight_decay=True), as "
+            "torch.optim.AdamW does; for L2 weight decay use adam(weight_decay=...)."
+        )
+
+
 _ADAM_DEFAULTS = {
     "lr": 1e-3,
     "betas": (0.9, 0.999),
@@ -119,6 +128,6 @@ ADAMW = RuleSpec(
     fields=_fields,
     init=_init,
     update=_update,
-    validate=_validate,
+    validate=_validate_adamw,
     static=frozenset({"amsgrad"}),
 )
