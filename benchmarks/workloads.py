@@ -168,7 +168,9 @@ class Workload:
 
 def sinusoid_mlp() -> nn.Module:
     """MLP 1-40-40-1 with ReLU (Finn et al., 2017)."""
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
 
 
 def omniglot_convnet(ways: int = 5) -> nn.Module:
@@ -192,7 +194,9 @@ def omniglot_convnet(ways: int = 5) -> nn.Module:
 
 def hyper_mlp() -> nn.Module:
     """A small MLP 20-64-64-1 for the hyperparameter-learning workload."""
-    return nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
 
 
 def large_mlp() -> nn.Module:
@@ -350,7 +354,10 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
             "1",
             "maml",
             sinusoid_problem(
-                "1", "Sinusoid MAML, MLP 1-40-40-1, 25 tasks, 5 inner SGD steps", SINUSOID_SGD, device
+                "1",
+                "Sinusoid MAML, MLP 1-40-40-1, 25 tasks, 5 inner SGD steps",
+                SINUSOID_SGD,
+                device,
             ),
         ),
         Workload(
@@ -364,7 +371,10 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
             "2b",
             "maml",
             sinusoid_problem(
-                "2b", "Sinusoid MAML, 25 tasks, 5 inner SGD-momentum steps", SINUSOID_MOMENTUM, device
+                "2b",
+                "Sinusoid MAML, 25 tasks, 5 inner SGD-momentum steps",
+                SINUSOID_MOMENTUM,
+                device,
             ),
         ),
         Workload("3", "maml", omniglot_problem(device)),
@@ -372,13 +382,8 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
         Workload("5", "setup", setup_problem(device)),
     ]
     memory = [
-        Workload(
-            memory_problem(steps, first_order, device).key,
-            "memory",
-            memory_problem(steps, first_order, device),
-            measures_time=False,
-        )
+        memory_problem(steps, first_order, device)
         for first_order in (False, True)
         for steps in memory_steps
     ]
-    return timed + memory
+    return timed + [Workload(p.key, "memory", p, measures_time=False) for p in memory]

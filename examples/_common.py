@@ -7,6 +7,7 @@ examples run the same, print their numbers and skip the picture.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -17,13 +18,13 @@ T = TypeVar("T")
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
-    """``iterable`` wrapped in a tqdm progress bar when tqdm is installed, as is otherwise."""
+    """``iterable`` with a tqdm progress bar on a terminal when tqdm is installed, else as is."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         yield from iterable
         return
-    yield from tqdm(iterable, total=total, desc=desc, leave=False)
+    yield from tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 def pyplot() -> Any | None:

@@ -131,7 +131,7 @@ def meta_train(args: argparse.Namespace, rank: int, world_size: int, device: tor
             local = local + query_loss(params, task_support, task_query) / args.tasks
         if local.requires_grad:  # a rank with no task this round contributes zeros
             local.backward()
-        if world_size > 1:
+        if dist.is_initialized():  # under torchrun, even with one process
             all_reduce_gradients(parameters)
             local = local.detach()
             dist.all_reduce(local, op=dist.ReduceOp.SUM)

@@ -5,8 +5,37 @@ differentiable optimizer is also a pure update rule (``higher_func.optim``), and
 batch under ``vmap`` and compile with ``torch.compile``.
 """
 
-from . import optim
+from . import func, optim, patch, utils
+from ._diffopt import create_diff_optim, get_diff_optim, register_optim
+from ._inner_loop import MetaObjective, batched_meta_loss, inner_loop
+from ._innerloop import (
+    clip_grad_norm,
+    clip_grad_value,
+    innerloop_ctx,
+    truncate,
+    write_back_module,
+    write_back_optimizer,
+)
+from .patch import monkeypatch
 
 __version__ = "0.1.0"
 
-__all__ = ["optim"]
+__all__ = [
+    "MetaObjective",
+    "batched_meta_loss",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "create_diff_optim",
+    "func",
+    "get_diff_optim",
+    "inner_loop",
+    "innerloop_ctx",
+    "monkeypatch",
+    "optim",
+    "patch",
+    "register_optim",
+    "truncate",
+    "utils",
+    "write_back_module",
+    "write_back_optimizer",
+]

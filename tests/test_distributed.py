@@ -43,13 +43,16 @@ def run(command: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # three interpreters start torch: 20-40 s on a 2-core machine
 def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
     output = run([sys.executable, str(EXAMPLE), *ARGS, "--save", str(single)], tmp_path)
     assert "1 process(es)" in output
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    output = run([*torchrun, str(EXAMPLE), *ARGS, "--backend", "gloo", "--save", str(multi)], tmp_path)
+    output = run(
+        [*torchrun, str(EXAMPLE), *ARGS, "--backend", "gloo", "--save", str(multi)], tmp_path
+    )
     assert "2 process(es)" in output
 
     reference, distributed = torch.load(single), torch.load(multi)

@@ -1,0 +1,314 @@
+"""Render a benchmark report (the dict built by ``report.py``) as text, Markdown and a chart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BASELINE = "higher"
+REFERENCE = "torch.func loop"
+MB = 2**20
+
+NOISE_NOTE = (
+    "Absolute times depend on the machine and on what else runs on it; on a shared 2-core "
+    "machine they are noisy. Ratios are more stable: every implementation is timed in the "
+    "same run, interleaved round by round, so a slow spell hits all of them alike."
+)
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if value >= 1e-3 else f"{value * 1e6:.0f} us"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _megabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / MB:.1f}"
+
+
+def _deviation(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{float(value):.1e}"
+
+
+def _case_rows(report: dict[str, Any], key: str) -> list[list[str]]:
+    """One row per implementation of a timed workload."""
+    cases = report["results"][key]
+    base = cases.get(BASELINE, {}).get("median_s")
+    floor = cases.get(REFERENCE, {}).get("median_s")
+    rows = []
+    for impl, case in cases.items():
+        if case["status"] != "ok":
+            rows.append([impl, case["status"], "", "", "", "", _footnote(report, case["message"])])
+            continue
+        median = case["median_s"]
+        notes = [case["notes"]] if case["notes"] else []
+        if case["compiled"] and case["first_iteration_s"] is not None:
+            notes.append(
+                f"compile (1st call) {case['first_iteration_s']:.1f} s, "
+                f"2nd call {case['second_iteration_s']:.3f} s"
+            )
+        rows.append(
+            [
+                impl,
+                _seconds(median),
+                _ratio(base / median if base and median else None),
+                _ratio(median / floor if floor and median else None),
+                _megabytes(case["peak_bytes"]),
+                _deviation(case["deviation_from_reference"]),
+                "; ".join(notes),
+            ]
+        )
+    return rows
+
+
+def _footnote(report: dict[str, Any], message: str) -> str:
+    reasons = report.setdefault("_reasons", [])
+    if message not in reasons:
+        reasons.append(message)
+    return f"[{reasons.index(message) + 1}]"
+
+
+CASE_HEADER = [
+    "implementation",
+    "median s/iter",
+    "x faster than higher",
+    "time / torch.func loop",
+    "peak MB",
+    "meta-grad deviation",
+    "notes",
+]
+
+
+def _memory_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    memory = {k: v for k, v in report["results"].items() if k.startswith("6-")}
+    impls = [
+        i
+        for i in report["implementations"]
+        if any(c.get(i, {}).get("status") == "ok" for c in memory.values())
+    ]
+    rows = []
+    for key, cases in memory.items():
+        _, mode, steps = key.split("-")
+        label = "tracked" if mode == "tracked" else "first order"
+        rows.append(
+            [label, steps, *(_megabytes(cases.get(i, {}).get("peak_bytes")) for i in impls)]
+        )
+    return ["mode", "inner steps", *impls], rows
+
+
+def _target_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for t in report["targets"]:
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        rows.append([t["target"], t["goal"], measured, t["status"]])
+    return rows
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def text_report(report: dict[str, Any]) -> str:
+    """The report as plain-text tables for the terminal."""
+    report.pop("_reasons", None)
+    parts = []
+    for key, info in report["workloads"].items():
+        if info["family"] == "memory":
+            continue
+        parts.append(f"Workload {key}: {info['title']}")
+        parts.append(_text_table(CASE_HEADER, _case_rows(report, key)))
+        parts.append("")
+    header, rows = _memory_table(report)
+    if rows:
+        parts.append("Peak memory (MB) of one meta-iteration, workload 6")
+        parts.append(f"  measured as: {report['environment']['memory_method']}")
+        parts.append(_text_table(header, rows))
+        parts.append("")
+    parts.append("Targets (ratios from this run)")
+    parts.append(_text_table(["target", "goal", "measured", "status"], _target_rows(report)))
+    reasons = report.pop("_reasons", [])
+    if reasons:
+        parts.append("")
+        parts.append("Skipped or failed:")
+        parts += [f"  [{i}] {r}" for i, r in enumerate(reasons, 1)]
+    parts.append("")
+    parts.append(NOISE_NOTE)
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    escape: Callable[[str], str] = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) -> str:
+    """``docs/performance.md``: environment, targets, tables, chart and method."""
+    report.pop("_reasons", None)
+    env = report["environment"]
+    libraries = ", ".join(f"{k} {v}" for k, v in env["libraries"].items())
+    out = [
+        "# Performance",
+        "",
+        "<!-- Generated by benchmarks/report.py; edit that script, not this page. -->",
+        "",
+        "higher_func beside higher 0.2.1, torchopt and a hand-written `torch.func` loop, "
+        "every workload through every implementation in one run. Reproduce with",
+        "",
+        "```bash",
+        'pip install -e ".[bench]"    # higher==0.2.1, pytest-benchmark, matplotlib',
+        "python benchmarks/report.py           # full run (compiled paths included)",
+        "python benchmarks/report.py --quick   # a few minutes, no compiled paths",
+        "```",
+        "",
+        "## Where these figures come from",
+        "",
+        _markdown_table(
+            ["", ""],
+            [
+                ["date", env["date_utc"]],
+                ["run", f"{report['mode']} ({report['elapsed_s']} s)"],
+                ["CPU", f"{env['cpu']} ({env['logical_cpus']} logical CPUs, {env['machine']})"],
+                ["torch threads", str(env["torch_threads"])],
+                ["load average at start", str(env["load_average_at_start"])],
+                ["device", env["device"] + (f" ({env['gpu']})" if "gpu" in env else "")],
+                ["platform", env["platform"]],
+                ["Python", env["python"]],
+                ["libraries", libraries],
+            ],
+        ),
+        "",
+        NOISE_NOTE,
+        "",
+        "## Targets",
+        "",
+        _markdown_table(["target", "goal", "measured", "status"], _target_rows(report)),
+        "",
+    ]
+    if chart:
+        out += ["## At a glance", "", f"![speed-up over higher and peak memory]({chart})", ""]
+    else:
+        out += ["## At a glance", "", f"_{chart_note}_", ""]
+    out += ["## Time per meta-iteration", ""]
+    out.append(
+        "Median over the timed rounds, after one warm-up iteration (two for compiled paths, "
+        "whose first call compiles). *x faster than higher*: higher's median divided by this "
+        "one. *time / torch.func loop*: this median divided by the hand-written loop's. "
+        "*meta-grad deviation*: largest difference of the meta-gradient after the first "
+        "iteration from the hand-written loop's, relative to its largest entry (float32)."
+    )
+    out.append("")
+    for key, info in report["workloads"].items():
+        if info["family"] == "memory":
+            continue
+        out += [f"### Workload {key}: {info['title']}", ""]
+        out += [_markdown_table(CASE_HEADER, _case_rows(report, key)), ""]
+    header, rows = _memory_table(report)
+    if rows:
+        out += ["## Peak memory (workload 6)", ""]
+        out += [
+            "MB by which memory grows during one meta-iteration (inner loop and meta-backward) "
+            f"of an MLP 784-256-256-10 on one task. Measured as: {env['memory_method']}.",
+            "",
+            _markdown_table(header, rows),
+            "",
+        ]
+    out += ["## Implementations", ""]
+    out += [f"- **{k}**: {v}" for k, v in report["implementations"].items()]
+    reasons = report.pop("_reasons", [])
+    if reasons:
+        out += ["", "## Skipped or failed", ""]
+        out += [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
+    out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_chart(report: dict[str, Any], path: Path) -> str | None:
+    """Save the bar chart; ``None`` when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    timed = [k for k, v in report["workloads"].items() if v["family"] != "memory"]
+    impls = [i for i in report["implementations"] if i != BASELINE]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(len(impls), 1)
+    for n, impl in enumerate(impls):
+        values = []
+        for key in timed:
+            cases = report["results"][key]
+            base, mine = (
+                cases.get(BASELINE, {}).get("median_s"),
+                cases.get(impl, {}).get("median_s"),
+            )
+            values.append(base / mine if base and mine else 0.0)
+        positions = [i + (n - (len(impls) - 1) / 2) * width for i in range(len(timed))]
+        speed.bar(positions, values, width, label=impl)
+    speed.axhline(1.0, color="black", linewidth=0.8)
+    speed.set_yscale("log")
+    speed.set_xticks(range(len(timed)), [f"workload {k}" for k in timed])
+    speed.set_ylabel("x faster than higher (log scale; missing bar = not run)")
+    speed.set_title("Speed relative to higher 0.2.1 (higher = 1)")
+    speed.legend(fontsize="small")
+    for mode, style in (("tracked", "-"), ("fo", "--")):
+        keys = [k for k in report["results"] if k.startswith(f"6-{mode}-")]
+        steps = [int(k.rsplit("-", 1)[1]) for k in keys]
+        for impl in report["implementations"]:
+            peaks = [report["results"][k].get(impl, {}).get("peak_bytes") for k in keys]
+            if steps and all(p is not None for p in peaks):
+                label = f"{impl} ({'tracked' if mode == 'tracked' else 'first order'})"
+                memory.plot(steps, [p / MB for p in peaks], style, marker="o", label=label)
+    memory.set_xlabel("inner steps")
+    memory.set_ylabel("peak memory growth (MB)")
+    memory.set_title("Peak memory of one meta-iteration")
+    memory.legend(fontsize="x-small")
+    fig.suptitle(
+        f"{report['environment']['cpu']}, torch {report['environment']['libraries']['torch']}, "
+        f"{report['environment']['date_utc']}",
+        fontsize="small",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> list[Path]:
+    """Write ``path`` (and the chart beside it); returns the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chart_path = path.with_suffix(".png")
+    chart = write_chart(report, chart_path)
+    note = (
+        "Chart skipped: matplotlib is not installed (`pip install matplotlib`, or the "
+        "`bench` extra). The tables below hold every figure."
+    )
+    path.write_text(markdown_report(report, chart, note))
+    return [path, chart_path] if chart else [path]

@@ -1,0 +1,34 @@
+"""Functional, batched and compiled inner loops (the fast path of higher_func).
+
+The model is a pure function ``f(params, buffers, *inputs)`` (:class:`FunctionalModel`);
+:func:`inner_loop` runs K steps of any rule of :mod:`higher_func.optim` with
+``torch.func.grad``; :func:`meta_loss` is one task's ``L_query(phi_K(theta))`` and
+:func:`batched_meta_loss` its ``vmap`` over tasks; :class:`MetaObjective` builds the same
+batched meta-loss from ``innerloop_ctx`` code's pieces (model, torch inner optimizer,
+per-task loss).  Batch, layer and group norms run as decomposed tensor math so the batched
+meta-gradient is exact (:func:`exact_norms`).
+"""
+
+from ._inner_loop import (
+    FunctionalModel,
+    InnerLoop,
+    MetaObjective,
+    OptimizerRule,
+    batched_meta_loss,
+    inner_loop,
+    meta_loss,
+    rule_from_optimizer,
+)
+from ._norm import exact_norms
+
+__all__ = [
+    "FunctionalModel",
+    "InnerLoop",
+    "MetaObjective",
+    "OptimizerRule",
+    "batched_meta_loss",
+    "exact_norms",
+    "inner_loop",
+    "meta_loss",
+    "rule_from_optimizer",
+]
