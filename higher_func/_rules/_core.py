@@ -26,9 +26,12 @@ __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 Hyperparameters = Mapping[str, Any]
+#: A tensor, or a :class:`TensorList` of them: kernels are written once for both.
+TensorOrList = Any
 InitFn = Callable[[Tensor, Hyperparameters], dict[str, Tensor]]
 UpdateFn = Callable[
-    [Tensor, Tensor, dict[str, Tensor], Hyperparameters], tuple[Tensor, dict[str, Tensor]]
+    [TensorOrList, TensorOrList, dict[str, TensorOrList], Hyperparameters],
+    tuple[TensorOrList, dict[str, TensorOrList]],
 ]
 
 
@@ -330,7 +333,7 @@ def safe_sqrt(x: Any) -> Any:
     """
     if isinstance(x, TensorList):
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in x.items)):
-            return torch.sqrt(x)  # no derivative wanted: one foreach op, same values
+            return TensorList(torch._foreach_sqrt(x.items))  # no derivative wanted
         return TensorList([_safe_sqrt(t) for t in x.items])
     return _safe_sqrt(x)
 

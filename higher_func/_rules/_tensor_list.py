@@ -12,7 +12,7 @@ know which way it runs.  The values are those of the per-tensor kernel up to rou
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ class TensorList:
 
     __slots__ = ("items",)
 
-    def __init__(self, items: Sequence[Any]) -> None:
+    def __init__(self, items: Iterable[Any]) -> None:
         self.items = list(items)
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class TensorList:
 
     def __rpow__(self, other: Any) -> TensorList:
         if isinstance(other, numbers.Real):
-            return TensorList(torch._foreach_pow(other, self.items))
+            return TensorList(torch._foreach_pow(float(other), self.items))
         return _elementwise(lambda x, y: y**x, self, other)
 
     def __neg__(self) -> TensorList:
