@@ -1,10 +1,11 @@
 """A griffe extension so the API pages render higher_func's docstrings as written.
 
 The docstrings follow the Google style, with a few reStructuredText habits that read well in
-``help()``: an ``Example:`` section of doctests, ``.. math::`` blocks and ``:func:`name```
-roles. Before griffe parses a docstring this rewrites them into what mkdocstrings renders:
-an ``Examples:`` section (code, not quoted text), a display-math block, and inline code.
-The source docstrings stay unchanged.
+``help()``: an ``Example:`` (or ``Example (caption):``) section of doctests, ``.. math::``
+blocks, ``:func:`name``` roles, and ``Args:`` entries that document several names at once
+on wrapped lines. Before griffe parses a docstring this rewrites them into what
+mkdocstrings renders: an ``Examples:`` section (code, not quoted text), a display-math
+block, inline code, and one line per entry. The source docstrings stay unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 import griffe
 
-_EXAMPLE_HEADING = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
+_EXAMPLE_HEADING = re.compile(r"^(\s*)Examples?(?:\s*\((.*)\))?:\s*$", re.MULTILINE)
+# An "Args:" entry whose list of names wraps: "a, b, c,\n        d: as in f."
+_WRAPPED_NAMES = re.compile(r"^(\s*[\w, ]+,)\n\s+(?=[\w, ]+:)", re.MULTILINE)
 _ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|obj|exc):`~?([^`]+)`")
 _MATH = re.compile(
     r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n?)+)", re.MULTILINE
@@ -27,6 +30,11 @@ def _math_block(match: re.Match[str]) -> str:
     return f"{indent}$$\n{indent}{body}\n{indent}$$\n"
 
 
+def _examples_heading(match: re.Match[str]) -> str:
+    indent, caption = match[1], match[2]
+    return f"{indent}Examples:" + (f"\n{indent}    {caption}:\n" if caption else "")
+
+
 def _inline_code(match: re.Match[str]) -> str:
     shown = match[1].rsplit(".", 1)[-1] if match[0].count("`~") else match[1]
     return f"``{shown}``"
@@ -34,7 +42,8 @@ def _inline_code(match: re.Match[str]) -> str:
 
 def rewrite(docstring: str) -> str:
     """The docstring with rST examples headings, roles and math turned into Markdown."""
-    docstring = _EXAMPLE_HEADING.sub(r"\1Examples:", docstring)
+    docstring = _EXAMPLE_HEADING.sub(_examples_heading, docstring)
+    docstring = _WRAPPED_NAMES.sub(r"\1 ", docstring)
     docstring = _ROLE.sub(_inline_code, docstring)
     return _MATH.sub(_math_block, docstring)
 

@@ -6,17 +6,19 @@ same model and the same inner ``torch.optim.SGD``:
 1. ``loop``: the ``innerloop_ctx`` loop over tasks that higher's users write;
 2. ``vmap``: :class:`higher_func.func.MetaObjective`, which runs every task at once with
    ``torch.func.vmap`` and ``torch.func.grad`` (no ``create_graph=True`` anywhere);
-3. ``compiled``: ``torch.compile(objective.value_and_grad, fullgraph=True)``, the whole
-   meta-gradient as one compiled graph (compiled once, reused every iteration).
+3. ``compiled`` (with ``--compile``): ``higher_func.func.compiled(objective.value_and_grad)``,
+   i.e. ``torch.compile(..., fullgraph=True)``: the whole meta-gradient as one compiled graph
+   (compiled once, reused every iteration).
 
 The script checks that the three meta-gradients agree, prints seconds per meta-iteration for
 each path (and the one-off compile time), then meta-trains with the fastest path.
 
-    python examples/batched_compiled_maml.py [--tasks 25] [--no-compile]
+    python examples/batched_compiled_maml.py [--tasks 25] [--compile]
 
-Compiling takes a while once (tens of seconds on a small CPU; ``--no-compile`` skips it).
-On small models vmap and compile win by 10x and more; on conv nets on a CPU the loop can be
-faster than vmap (see the vmap and torch.compile guide in the docs).
+Compiling costs time once: about 110 s on 2 CPU cores (measured with torch 2.11), so it is
+opt-in with ``--compile``; then one meta-iteration took 0.0023 s against 0.023 s for vmap
+and 0.14 s for the loop. On small models vmap and compile win by 10x and more; on conv nets
+on a CPU the loop can be faster than vmap (see the vmap and torch.compile guide).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from _common import progress, sinusoid_mlp, sinusoid_tasks
 from torch import Tensor, nn
 
 import higher_func as higher
-from higher_func.func import MetaObjective
+from higher_func.func import MetaObjective, compiled
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=40, help="hidden units of the MLP")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per path")
     parser.add_argument("--iterations", type=int, default=200, help="meta-training iterations")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--tiny", action="store_true", help="a short run without compile (CI)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile (compiling takes minutes)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="a short run (CI)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tasks, args.inner_steps, args.hidden, args.repeats, args.iterations = 3, 1, 8, 1, 3
-        args.no_compile = True  # compiling takes tens of seconds; the tests cover compile
     return args
 
 
@@ -99,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         "loop": loop_path(model, inner_opt, args.inner_steps),
         "vmap": objective.value_and_grad,
     }
-    if not args.no_compile:
-        compiled = torch.compile(objective.value_and_grad, fullgraph=True)
+    if args.compile:
+        meta_gradient = compiled(objective.value_and_grad)  # torch.compile, fullgraph=True
         start = time.perf_counter()
-        compiled(*batches[0])
+        meta_gradient(*batches[0])
         print(f"torch.compile: first call (compilation) took {time.perf_counter() - start:.1f} s")
-        paths["compiled"] = compiled
+        paths["compiled"] = meta_gradient
 
     _, reference = paths["loop"](*batches[0])
     for name, fn in paths.items():

@@ -77,10 +77,12 @@ class DifferentiableOptimizer(abc.ABC):
     ``self.param_groups[i]['params'][j]``.  Nothing may be modified in place.
 
     Attributes:
-        param_groups: one dict per group of the torch optimizer: its hyperparameters (shared,
-            not copied; overrides replace entries) and ``'params'``, which holds the group's
-            current fast weights during and after a step.
-        state: per group, ``{position in group: {torch state key: tensor}}``.
+        param_groups: one dict per group of the torch optimizer: its hyperparameters (a
+            shallow copy; tensors not requiring grad are cloned, so a scheduler updating the
+            torch optimizer in place cannot reach them; overrides replace entries) and
+            ``'params'``, which holds the group's current fast weights during and after a step.
+        state: per group, ``{position in group: {torch state key: tensor}}`` (for the
+            built-in classes a read-only view of the rules' state).
         _group_to_param_list: per group, the indices of its parameters in
             ``reference_params`` (the order of ``fmodel.fast_params``).
         _fmodel: the functional module whose fast weights ``step`` reads and records.
@@ -89,6 +91,24 @@ class DifferentiableOptimizer(abc.ABC):
 
     History semantics: every :meth:`step` records exactly one new entry in ``fmodel`` (its
     ``update_params``); with ``track_higher_grads=False`` the fmodel keeps only the latest.
+
+    Example (a custom optimizer written for ``higher``):
+        >>> import torch, higher_func as hf
+        >>> class PlainSGD(torch.optim.SGD):
+        ...     pass
+        >>> class DifferentiablePlainSGD(hf.optim.DifferentiableOptimizer):
+        ...     def _update(self, grouped_grads, **kwargs):
+        ...         for group, grads in zip(self.param_groups, grouped_grads):
+        ...             for j, (p, g) in enumerate(zip(group["params"], grads)):
+        ...                 if g is not None:
+        ...                     group["params"][j] = p - group["lr"] * g
+        >>> hf.register_optim(PlainSGD, DifferentiablePlainSGD)
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> with hf.innerloop_ctx(model, PlainSGD(model.parameters(), lr=0.5)) as (fm, diffopt):
+        ...     new = diffopt.step(fm(torch.ones(1, 1)).sum())
+        >>> new[0]
+        tensor([[0.5000]], grad_fn=<SubBackward0>)
     """
 
     def __init__(
@@ -265,7 +285,7 @@ class DifferentiableOptimizer(abc.ABC):
                     "step() needs params= (the current fast weights, in reference_params "
                     "order) because this optimizer was built without an fmodel."
                 )
-            params = self._fmodel.fast_params
+            return list(self._fmodel.fast_params)  # checked by the fmodel when recorded
         result = _checked_tensors("params", params)
         if len(result) != self._num_params:
             raise ValueError(
@@ -341,8 +361,11 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             rule = self._factory(**options)
             self._rules.append(rule)
             self._rule_options.append(options)
+            # A state torch filled when built (Adagrad's) is imported for parity, unless an
+            # option read at initialisation was overridden: then it must come from the override.
+            keep = _stepped_state if _init_option_overridden(rule, torch_group) else dict
             torch_states = {
-                k: other.state.get(p, {})
+                k: keep(other.state.get(p, {}))
                 for k, p in zip(indices, torch_group["params"], strict=True)
             }
             state = None  # a fresh optimizer's state is built at the first step, like torch's
@@ -892,6 +915,21 @@ def _check_options_supported(other: torch.optim.Optimizer, supported: frozenset[
             f"implementation here (supported: {sorted(supported)}); they would be ignored. "
             f"Register a rule that implements them with higher_func.optim.register_rule."
         )
+
+
+def _init_option_overridden(rule: Any, torch_group: Mapping[str, Any]) -> bool:
+    """Whether the rule's value of an option read only by ``init`` differs from torch's."""
+    spec = getattr(rule, "spec", None)
+    init_only = spec.init_only if spec is not None else frozenset()
+    return any(rule.hyperparameters[k] is not torch_group.get(k) for k in init_only)
+
+
+def _stepped_state(torch_state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A torch state entry, or ``{}`` if it was never stepped."""
+    step = torch_state.get("step")
+    if isinstance(step, Tensor | numbers.Real) and float(step) == 0:
+        return {}
+    return torch_state
 
 
 def _fields(rule: Any) -> tuple[str, ...] | None:

@@ -1,4 +1,4 @@
-"""Functional inner loops: k steps of an update rule with ``torch.func.grad``, batched with ``vmap``.
+"""Functional inner loops: k steps of a rule with ``torch.func.grad``, batched with ``vmap``.
 
 The math of gradient-based meta-learning, written as functions::
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from ._norm import exact_norms
+from ._norm import exact_norms, may_normalize
 from ._rules._registry import from_torch_optimizer
 
 __all__ = [
@@ -65,7 +65,8 @@ class FunctionalModel:
     buffers left out of the dicts are taken from the module (frozen).  Batch, layer and
     group norms run as decomposed tensor math (:mod:`higher_func._norm`), which keeps
     second-order gradients exact under ``vmap`` and lets running statistics
-    (``track_running_stats=True``) be returned instead of written in place.
+    (``track_running_stats=True``) be returned instead of written in place; models built
+    only from torch's other layers skip that rerouting (it costs a Python call per op).
 
     ``f(params, buffers, *inputs)`` returns the module's output and discards buffer
     updates; ``f.with_buffers(params, buffers, *inputs)`` returns ``(output, new_buffers)``
@@ -84,7 +85,7 @@ class FunctionalModel:
         (torch.Size([4, 3]), 1, 0)
     """
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "reroute_norms")
 
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
@@ -93,6 +94,8 @@ class FunctionalModel:
                 f"{type(module).__name__}. Pass the model itself, e.g. FunctionalModel(net)."
             )
         self.module = module
+        # The rerouting costs a Python call per op: skip it for models that cannot normalise.
+        self.reroute_norms = may_normalize(module)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
@@ -107,9 +110,7 @@ class FunctionalModel:
         """The module's own buffers by name (the live tensors; never written by this class)."""
         return dict(self.module.named_buffers())
 
-    def __call__(
-        self, params: Params, buffers: Params | None, *inputs: Any, **kwargs: Any
-    ) -> Any:
+    def __call__(self, params: Params, buffers: Params | None, *inputs: Any, **kwargs: Any) -> Any:
         """The module's output with ``params`` and ``buffers``; buffer updates are dropped."""
         return self.with_buffers(params, buffers, *inputs, **kwargs)[0]
 
@@ -121,6 +122,8 @@ class FunctionalModel:
         given = dict(buffers) if buffers is not None else {}
         # Private copies: modules update num_batches_tracked in place.
         private = {name: t.clone() for name, t in {**self.buffers, **given}.items()}
+        if not self.reroute_norms:
+            return functional_call(self.module, (dict(params), private), inputs, kwargs), private
         with exact_norms() as updates:
             output = functional_call(self.module, (dict(params), private), inputs, kwargs)
         return output, updates.apply(private)
@@ -284,8 +287,10 @@ def _split_stateful(result: Any) -> tuple[Any, Any]:
 
 def _check_scalar(value: Any) -> None:
     if not isinstance(value, Tensor) or value.numel() != 1:
-        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else (
-            type(value).__name__
+        got = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, Tensor)
+            else (type(value).__name__)
         )
         raise TypeError(
             f"loss must return a scalar tensor, got {got}. Reduce it, e.g. with .mean()."
@@ -425,16 +430,17 @@ def batched_meta_loss(
         >>> theta = {"w": torch.tensor(0.0, requires_grad=True)}
         >>> square = lambda p, target: ((p["w"] - target) ** 2).mean()
         >>> targets = torch.tensor([[1.0], [2.0]])
-        >>> batched_meta_loss(square, hf.optim.sgd(lr=0.25), theta, targets, targets,
-        ...                   reduction="none")
-        tensor([0.2500, 1.0000], grad_fn=<PowBackward0>)
+        >>> losses = batched_meta_loss(square, hf.optim.sgd(lr=0.25), theta, targets, targets,
+        ...                            reduction="none")
+        >>> losses.detach()  # per task: (0.5 * target) ** 2
+        tensor([0.2500, 1.0000])
     """
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_choice("randomness", randomness, _RANDOMNESS)
     support, query = _as_tuple(support), _as_tuple(query)
     per_task = dict(task_hyperparameters or {})
     _check_task_batch(support, query, per_task)
-    options = {
+    options: dict[str, Any] = {
         "query_loss": query_loss,
         "steps": steps,
         "first_order": first_order,
@@ -490,7 +496,11 @@ def _check_task_batch(
     support: tuple[Any, ...], query: tuple[Any, ...], per_task: Mapping[str, Any]
 ) -> None:
     sizes = {}
-    for argument, tree in (("support", support), ("query", query), ("task_hyperparameters", per_task)):
+    for argument, tree in (
+        ("support", support),
+        ("query", query),
+        ("task_hyperparameters", per_task),
+    ):
         for where, leaf in _leaves_with_paths(argument, tree):
             if not isinstance(leaf, Tensor) or leaf.dim() == 0:
                 raise ValueError(
@@ -501,8 +511,7 @@ def _check_task_batch(
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{where}: {size}" for where, size in sizes.items())
         raise ValueError(
-            f"Every per-task tensor needs the same number of tasks in dimension 0, got "
-            f"{listing}."
+            f"Every per-task tensor needs the same number of tasks in dimension 0, got {listing}."
         )
 
 
@@ -580,8 +589,8 @@ def rule_from_optimizer(
         >>> import torch
         >>> model = torch.nn.Linear(2, 1)
         >>> rule, state = rule_from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-        >>> rule
-        OptimizerRule(sgd(lr=0.1, momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False))
+        >>> [(group.rule.name, group.names) for group in rule.groups]
+        [('sgd', ('weight', 'bias'))]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -595,9 +604,10 @@ class MetaObjective:
 
     ``innerloop_ctx`` code adapts ``model`` with ``inner_optimizer`` on each task's support
     set and sums the query losses.  This class computes the same meta-loss for a whole batch
-    of tasks at once (``vmap`` over tasks, ``torch.func.grad`` inside), which is 10x faster
-    on small models; compiled (``torch.compile(objective.value_and_grad, fullgraph=True)``)
-    it is faster still.  The meta-gradient equals the per-task loop's, batch norm included.
+    of tasks at once (``vmap`` over tasks, ``torch.func.grad`` inside), which pays off on
+    small models and many tasks (see ``benchmarks/``; on a small CPU, conv nets can be
+    faster as a loop); compiled (``compiled(objective.value_and_grad)``) it is faster still.
+    The meta-gradient equals the per-task loop's, batch norm included.
 
     Args:
         model: the meta-model; its parameters are the meta-parameters (``.backward()`` on
@@ -644,7 +654,7 @@ class MetaObjective:
         self.model = FunctionalModel(model)
         self.rule, self.state = rule_from_optimizer(inner_optimizer, model)
         self.loss_fn = loss_fn
-        self.options = {
+        self.options: dict[str, Any] = {
             "steps": steps,
             "first_order": first_order,
             "truncate": truncate,

@@ -22,10 +22,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RunningStatUpdates", "batch_norm", "exact_norms", "group_norm", "layer_norm"]
+__all__ = [
+    "RunningStatUpdates",
+    "batch_norm",
+    "exact_norms",
+    "group_norm",
+    "layer_norm",
+    "may_normalize",
+]
 
 
 def _channel_shape(input: Tensor) -> list[int]:
@@ -82,9 +89,7 @@ def batch_norm(
         mean = input.mean(dim=dims, keepdim=True)
         var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
         if training and running_mean is not None and running_var is not None:
-            _record_running_stats(
-                updates, running_mean, running_var, mean, var, count, momentum
-            )
+            _record_running_stats(updates, running_mean, running_var, mean, var, count, momentum)
     else:
         mean, var = running_mean.reshape(shape), running_var.reshape(shape)
     return _affine(_normalize(input, mean, var, eps), weight, bias, shape)
@@ -156,8 +161,7 @@ def group_norm(
     channels = input.shape[1]
     if channels % num_groups != 0:
         raise ValueError(
-            f"group_norm: num_channels ({channels}) must be divisible by num_groups "
-            f"({num_groups})."
+            f"group_norm: num_channels ({channels}) must be divisible by num_groups ({num_groups})."
         )
     grouped = input.reshape(input.shape[0], num_groups, -1)
     mean = grouped.mean(dim=-1, keepdim=True)
@@ -218,6 +222,28 @@ class _ExactNorms(TorchFunctionMode):
         if func is F.group_norm:
             return group_norm(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def may_normalize(module: nn.Module) -> bool:
+    """Whether ``module`` may call a normalisation function that :func:`exact_norms` reroutes.
+
+    True if any submodule is a torch norm layer or a class defined outside ``torch.nn`` (whose
+    forward may call ``F.batch_norm`` and friends); False for models built only from torch's
+    other layers (``Linear``, ``Conv2d``, ``ReLU``, ...), which need no rerouting.
+
+    Example:
+        >>> may_normalize(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        False
+        >>> may_normalize(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+        True
+    """
+    for sub in module.modules():
+        if isinstance(sub, _NORM_LAYERS) or not type(sub).__module__.startswith("torch.nn."):
+            return True
+    return False
 
 
 @contextmanager

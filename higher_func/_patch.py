@@ -1,15 +1,15 @@
 """Stateless ("functional") modules: the engine behind :func:`higher_func.patch.monkeypatch`.
 
-How it works, in one paragraph.  :func:`monkeypatch` copies the module's *structure* once
-(``copy.deepcopy`` with every parameter and buffer pre-seeded in the memo, so no weight is
-copied twice and the original module is not referenced afterwards).  In that private copy
-every parameter slot (``submodule._parameters[name]``) holds a *fast weight*: a plain tensor,
-which may carry an autograd graph.  Recording new fast weights rewrites those slots through
-a table of ``(slots dict, key, index)`` built once per fmodel, so a call without ``params``
-is a plain module call, submodules and the module's own methods always see the latest
-weights, and a call with ``params=`` swaps the slots in and restores them in ``finally`` (the
-same mechanism as ``torch.func.functional_call``, without rebuilding the name-to-module
-mapping on every call).  No class is created or patched: the fmodel is a
+How it works.  :func:`monkeypatch` copies the module's *structure* once (what
+``copy.deepcopy`` would give, with every parameter and buffer pre-seeded in the memo, so no
+weight is copied twice and the original module is not referenced afterwards).  In that
+private copy every parameter slot (``submodule._parameters[name]``) holds a *fast weight*:
+a plain tensor, which may carry an autograd graph.  Recording new fast weights rewrites
+those slots through a table of ``(slots dict, key, index)`` built once per fmodel, so a call
+without ``params`` is a plain module call, submodules and the module's own methods always
+see the latest weights, and a call with ``params=`` swaps the slots in and restores them in
+``finally`` (the mechanism of ``torch.func.functional_call``, without rebuilding the
+name-to-module mapping on every call).  No class is created or patched: the fmodel is a
 :class:`FunctionalModule` wrapping the private copy.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -337,21 +338,24 @@ class _Core:
     def __init__(self, module: nn.Module, track: bool) -> None:
         self.module = module
         self.layout = _Layout(module)
-        self.history: list[list[Tensor]] = [
-            [params[key] for params, key, index in self._first_slots()]
-        ]
+        initial: dict[int, Tensor] = {}
+        for params, key, index in self.layout.slots:
+            initial.setdefault(index, params[key])
+        self.history: list[list[Tensor]] = [[initial[i] for i in range(len(initial))]]
         self.track = track
-        self.views: dict[str, FunctionalSubmodule] = {}
+        # Weak, so that views (which hold the core) form no reference cycle with it: an
+        # fmodel is then freed as soon as it is dropped, without waiting for the collector.
+        self.views: weakref.WeakValueDictionary[str, FunctionalSubmodule] = (
+            weakref.WeakValueDictionary()
+        )
 
     def __getstate__(self) -> dict[str, Any]:
-        # Views are rebuilt on demand; copying them would copy this core again.
-        return {**self.__dict__, "views": {}}
+        # Views are rebuilt on demand, so copies and pickles leave them out.
+        return {key: value for key, value in self.__dict__.items() if key != "views"}
 
-    def _first_slots(self) -> list[Slot]:
-        first: dict[int, Slot] = {}
-        for slot in self.layout.slots:
-            first.setdefault(slot[2], slot)
-        return [first[index] for index in range(len(self.layout.names))]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.views = weakref.WeakValueDictionary()
 
     def record(self, values: list[Tensor]) -> None:
         if self.track:
@@ -401,7 +405,6 @@ class _StatelessBase(nn.Module):
     def _wrap(cls, submodule: nn.Module, core: _Core, prefix: str = "") -> Any:
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        object.__setattr__(self, "training", submodule.training)
         object.__setattr__(self, "_core", core)
         object.__setattr__(self, "_sub", submodule)
         layout = core.layout if not prefix else _Layout(submodule, core.layout, prefix)
@@ -507,12 +510,22 @@ class _StatelessBase(nn.Module):
 
     # -- mode and unsupported nn.Module operations -------------------------------------------
 
+    @property
+    def training(self) -> bool:
+        """The training flag of the (sub)module in the private copy."""
+        return self._sub.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        submodule = self.__dict__.get("_sub")
+        if submodule is not None:  # nn.Module.__init__ sets it before there is a copy
+            submodule.training = mode
+
     def train(self, mode: bool = True) -> Any:
         """Set training mode of the (sub)module, as ``nn.Module.train``; returns ``self``."""
         if not isinstance(mode, bool):
             raise ValueError(f"training mode is expected to be boolean, got {mode!r}.")
         self._sub.train(mode)
-        object.__setattr__(self, "training", mode)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> NoReturn:
@@ -660,6 +673,12 @@ class FunctionalModule(_StatelessBase):
 
     The fmodel owns a private copy of the module's structure and buffers; it holds no
     reference to the original module. ``copy.deepcopy(fmodel)`` gives a detached snapshot.
+    Hooks registered on the model's submodules are shared with the copy and run.
+
+    Limits: a call with ``params=`` swaps tensors into the shared private copy, so one
+    fmodel must not be called from several threads at once; under ``torch.func.vmap``,
+    BatchNorm in training mode cannot update its running statistics in place (a
+    ``torch.func`` limitation: use ``eval()`` or ``track_running_stats=False``).
 
     Example:
         >>> import torch

@@ -6,9 +6,11 @@ The model is a pure function ``f(params, buffers, *inputs)`` (:class:`Functional
 :func:`batched_meta_loss` its ``vmap`` over tasks; :class:`MetaObjective` builds the same
 batched meta-loss from ``innerloop_ctx`` code's pieces (model, torch inner optimizer,
 per-task loss).  Batch, layer and group norms run as decomposed tensor math so the batched
-meta-gradient is exact (:func:`exact_norms`).
+meta-gradient is exact (:func:`exact_norms`).  :func:`compiled` compiles the whole
+meta-gradient; :func:`compiled_innerloop` compiles ``innerloop_ctx`` code.
 """
 
+from ._compile import CompileError, compiled, compiled_innerloop
 from ._inner_loop import (
     FunctionalModel,
     InnerLoop,
@@ -22,11 +24,14 @@ from ._inner_loop import (
 from ._norm import exact_norms
 
 __all__ = [
+    "CompileError",
     "FunctionalModel",
     "InnerLoop",
     "MetaObjective",
     "OptimizerRule",
     "batched_meta_loss",
+    "compiled",
+    "compiled_innerloop",
     "exact_norms",
     "inner_loop",
     "meta_loss",

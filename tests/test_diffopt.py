@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from optimizer_cases import OPTION_CASES, OPTION_IDS, OptimizerCase
 from torch import nn
 
 import higher_func as hf
 from higher_func._rules._core import Rule
+
+from optimizer_cases import OPTION_CASES, OPTION_IDS, OptimizerCase
 
 TOL = 1e-10
 FD_TOL = 1e-7
@@ -289,6 +290,30 @@ def test_override_of_betas_as_a_tuple_of_tensors_gives_hypergradients():
     g1, g2 = torch.autograd.grad(meta_loss(b1, b2), [b1, b2])
     assert abs(g1.item() - central_difference(lambda v: meta_loss(v, 0.9).item(), 0.8)) < FD_TOL
     assert abs(g2.item() - central_difference(lambda v: meta_loss(0.8, v).item(), 0.9)) < FD_TOL
+
+
+@pytest.mark.parametrize(
+    ("torch_class", "key", "value"),
+    [(torch.optim.Adagrad, "initial_accumulator_value", 0.5), (torch.optim.Rprop, "lr", 0.05)],
+)
+def test_overriding_an_option_read_at_initialisation_gives_hypergradients(torch_class, key, value):
+    """Adagrad builds its state eagerly; that state must not hide the override."""
+
+    def meta_loss(v: Any) -> torch.Tensor:
+        net = make_net()
+        data = batches(4)
+        with hf.innerloop_ctx(net, torch_class(net.parameters()), override={key: [v]}) as (
+            fmodel,
+            diffopt,
+        ):
+            for x, y in data[:3]:
+                diffopt.step(mse(fmodel(x), y))
+            return mse(fmodel(data[3][0]), data[3][1])
+
+    v = torch.tensor(value, requires_grad=True)
+    (g,) = torch.autograd.grad(meta_loss(v), [v])
+    assert g != 0
+    assert abs(g.item() - central_difference(lambda u: meta_loss(u).item(), value)) < FD_TOL
 
 
 def test_override_persists_and_a_step_override_applies_from_that_step_on():

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from optimizer_cases import OPTION_CASES, OPTION_IDS
 from torch import nn
 from torch.func import functional_call
 
 import higher_func as hf
+
+from optimizer_cases import OPTION_CASES, OPTION_IDS
 
 TOL = 1e-10
 FD_TOL = 1e-7

@@ -31,13 +31,15 @@ NORM_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (3,),
     ),
     "batchnorm1d_sequence": (
-        lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 4, 2)),
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 2)
+        ),
         (2, 5),
     ),
     "batchnorm2d": (
-        lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 3 * 3, 2)),
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)
+        ),
         (1, 5, 5),
     ),
     "layernorm": (
@@ -45,8 +47,9 @@ NORM_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (3,),
     ),
     "groupnorm": (
-        lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(4 * 3 * 3, 2)),
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)
+        ),
         (1, 5, 5),
     ),
 }
@@ -114,6 +117,7 @@ def test_batched_meta_gradient_matches_central_differences(name: str) -> None:
 
     grads = torch.autograd.grad(batched(model, rule, params, support, query), list(params.values()))
     analytic = sum(float((g * direction[n]).sum()) for g, n in zip(grads, params, strict=True))
+
     def central(h: float) -> float:
         return (along(h) - along(-h)) / (2 * h)
 
@@ -135,7 +139,9 @@ def test_running_statistics_follow_the_native_module() -> None:
         torch.testing.assert_close(out, native(x), **TOL)
     for name, expected in native.named_buffers():
         torch.testing.assert_close(buffers[name], expected, **TOL)
-        torch.testing.assert_close(dict(model.named_buffers())[name], untouched[name], rtol=0, atol=0)
+        torch.testing.assert_close(
+            dict(model.named_buffers())[name], untouched[name], rtol=0, atol=0
+        )
     assert int(buffers["1.num_batches_tracked"]) == 3
 
 
@@ -178,18 +184,38 @@ def test_cumulative_moving_average_momentum_none() -> None:
 
 
 DECOMPOSED = [
-    ("batch_norm_train", lambda x, w, b: batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
-     lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5), (4, 3, 2), 3),
-    ("batch_norm_eval",
-     lambda x, w, b: batch_norm(x, torch.full((3,), 0.2, dtype=DTYPE),
-                                torch.full((3,), 1.5, dtype=DTYPE), w, b, False),
-     lambda x, w, b: F.batch_norm(x, torch.full((3,), 0.2, dtype=DTYPE),
-                                  torch.full((3,), 1.5, dtype=DTYPE), w, b, False),
-     (4, 3), 3),
-    ("layer_norm", lambda x, w, b: layer_norm(x, [2, 3], w, b),
-     lambda x, w, b: F.layer_norm(x, [2, 3], w, b), (4, 2, 3), (2, 3)),
-    ("group_norm", lambda x, w, b: group_norm(x, 2, w, b),
-     lambda x, w, b: F.group_norm(x, 2, w, b), (3, 4, 2), 4),
+    (
+        "batch_norm_train",
+        lambda x, w, b: batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5),
+        (4, 3, 2),
+        3,
+    ),
+    (
+        "batch_norm_eval",
+        lambda x, w, b: batch_norm(
+            x, torch.full((3,), 0.2, dtype=DTYPE), torch.full((3,), 1.5, dtype=DTYPE), w, b, False
+        ),
+        lambda x, w, b: F.batch_norm(
+            x, torch.full((3,), 0.2, dtype=DTYPE), torch.full((3,), 1.5, dtype=DTYPE), w, b, False
+        ),
+        (4, 3),
+        3,
+    ),
+    (
+        "layer_norm",
+        lambda x, w, b: layer_norm(x, [2, 3], w, b),
+        lambda x, w, b: F.layer_norm(x, [2, 3], w, b),
+        (4, 2, 3),
+        (2, 3),
+    ),
+    (
+        "group_norm",
+        lambda x, w, b: group_norm(x, 2, w, b),
+        lambda x, w, b: F.group_norm(x, 2, w, b),
+        (3, 4, 2),
+        4,
+    ),
 ]
 
 
@@ -229,3 +255,32 @@ def test_one_example_per_channel_in_training_is_a_clear_error() -> None:
         batch_norm(torch.randn(1, 3), None, None, training=True)
     with pytest.raises(ValueError, match=r"num_channels \(3\) must be divisible"):
         group_norm(torch.randn(2, 3), 2)
+
+
+class CustomNorm(nn.Module):
+    """A user-defined layer calling F.layer_norm directly (no nn.LayerNorm inside)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, width)
+        self.gain = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(F.layer_norm(self.linear(x), [self.gain.shape[0]], self.gain))
+
+
+def test_user_defined_layers_calling_norm_functions_are_rerouted() -> None:
+    model = nn.Sequential(CustomNorm(5), nn.Linear(5, 2)).to(DTYPE)
+    assert FunctionalModel(model).reroute_norms
+    assert not FunctionalModel(nn.Sequential(nn.Linear(3, 2), nn.ReLU())).reroute_norms
+    params = dict(model.named_parameters())
+    support, query = tasks(3, 4, (3,))
+    rule = hf.optim.sgd(lr=0.3)
+    value = batched(model, rule, params, support, query)
+    reference = per_task_meta_loss(model, rule, params, support, query, steps=2)
+    for a, e in zip(
+        torch.autograd.grad(value, list(params.values())),
+        torch.autograd.grad(reference, list(params.values())),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, e, **TOL)

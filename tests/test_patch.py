@@ -273,6 +273,17 @@ def test_vmap_over_params_matches_loop() -> None:
     assert len(list(fmodel.parameters(time=-1))) == 4
 
 
+def test_torch_func_grad_through_params_equals_autograd() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    fmodel = monkeypatch(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = dict(zip(fmodel.param_names, perturbed(fmodel), strict=True))
+    grads = torch.func.grad(lambda p: fmodel(x, params=p).square().sum())(params)
+    expected = torch.autograd.grad(fmodel(x, params=params).square().sum(), list(params.values()))
+    for name, ref in zip(params, expected, strict=True):
+        assert_close(grads[name], ref)
+
+
 # ---------------------------------------------------------------------------------------------
 # History semantics.
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +411,23 @@ def test_direct_submodule_call_on_module_list_root_and_with_params() -> None:
     assert_close(fmodel[1](x, params=whole), torch.nn.functional.linear(x, whole[2], whole[3]))
 
 
+def test_nested_views_and_modules_see_the_latest_weights() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), nn.Linear(3, 1)).double()
+    fmodel = monkeypatch(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    fmodel[0][0].weight = weight
+    bias = fmodel.fast_params[1]
+    assert_close(fmodel[0][0](x), torch.nn.functional.linear(x, weight, bias))
+    assert_close(
+        fmodel[0](x, params={"0.weight": 2 * weight}), torch.tanh(x @ (2 * weight).t() + bias)
+    )
+    assert fmodel[0][0].weight is weight
+    inner = next(m for m in fmodel.modules() if isinstance(m, nn.Linear))
+    assert type(inner) is nn.Linear and inner.weight is weight
+    assert fmodel[0] is fmodel[0]
+
+
 def test_regression_assigning_a_tensor_to_a_submodule_parameter_records_new_weights() -> None:
     """higher raised on ``fmodel.sub.weight = w``."""
     model = Tied().double()
@@ -462,10 +490,13 @@ def test_train_and_eval_reach_every_submodule() -> None:
     fmodel = monkeypatch(model)
     assert fmodel.eval() is fmodel
     assert not fmodel.training and not any(m.training for m in fmodel.modules())
+    assert not fmodel[1].training
     x = torch.randn(50, 3, dtype=torch.float64)
     assert_close(fmodel(x), model[0](x))
     fmodel.train()
     assert fmodel.training and all(m.training for m in fmodel.modules())
+    fmodel[1].eval()
+    assert fmodel.training and not fmodel[1].training and not list(fmodel.modules())[2].training
     assert model.training  # the original keeps its own mode
 
 
@@ -605,6 +636,25 @@ def test_regression_fmodel_does_not_keep_the_model_alive() -> None:
         assert_close(fmodel(x), expected)
 
 
+def test_fmodel_is_freed_without_the_cycle_collector() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(2, 3)
+    gc.collect()
+    gc.disable()
+    try:
+        fmodel = monkeypatch(model, copy_initial_weights=False)
+        grads = torch.autograd.grad(fmodel(x).sum(), list(fmodel.parameters()), create_graph=True)
+        fmodel.update_params([p - g for p, g in zip(fmodel.parameters(), grads, strict=True)])
+        fmodel[0](x)
+        fmodel[2].bias = torch.zeros(1)
+        fmodel(x, params=fmodel.fast_params)
+        refs = [weakref.ref(t) for t in [*fmodel.fast_params, *fmodel.init_fast_params]]
+        del fmodel, grads
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
 def test_regression_deepcopy_gives_an_independent_detached_snapshot() -> None:
     """higher's fmodel could be neither deep-copied nor pickled."""
     model = ConvBN().double().train()
@@ -642,6 +692,22 @@ def test_make_functional_buffer_sync_and_get_func_params_as_higher_users_call_th
     assert_close(fmodel(x, params=params), model(x))
     assert_close(fmodel(x), model(x))
     assert len(list(fmodel.parameters(time=-1))) == len(params)
+
+
+def test_make_functional_runs_the_encapsulator() -> None:
+    model = nn.Linear(2, 1).double()
+    weights = [torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)]
+    seen = []
+
+    def encapsulator(fmodule: FunctionalModule, module: nn.Module) -> None:
+        seen.append(module)
+        fmodule.update_params(weights)
+
+    fmodel = make_functional(model, encapsulator=encapsulator)
+    assert seen == [model]
+    assert_close(
+        fmodel(torch.randn(3, 2, dtype=torch.float64)), torch.ones(3, 1, dtype=torch.float64)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,3 +784,22 @@ def test_device_cuda_moves_fast_weights_and_mismatch_is_an_error() -> None:
     torch.testing.assert_close(fmodel(x).cpu(), model(x.cpu()))
     with pytest.raises(ValueError, match="is on cpu but the fmodel's weights are on cuda"):
         fmodel.update_params(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    fmodel = monkeypatch(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = perturbed(fmodel)
+    with_params = torch.compile(lambda x, ps: fmodel(x, params=ps), fullgraph=True)
+    latest = torch.compile(lambda x: fmodel(x), fullgraph=True)
+    out = with_params(x, params)
+    assert_close(out, fmodel(x, params=params))
+    grads = torch.autograd.grad(out.sum(), params)
+    expected = torch.autograd.grad(fmodel(x, params=params).sum(), params)
+    for grad, ref in zip(grads, expected, strict=True):
+        assert_close(grad, ref)
+    assert_close(latest(x), model(x))
+    fmodel.update_params(params)
+    assert_close(latest(x), fmodel(x, params=params))

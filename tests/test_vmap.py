@@ -108,9 +108,7 @@ def test_batched_meta_loss_equals_per_task_loop(model_name: str, rule_name: str)
         out, buffers = f.with_buffers(p, buffers, x)
         return F.mse_loss(out, y), buffers
 
-    batched = batched_meta_loss(
-        loss, rule, params, support, query, steps=3, buffers=f.buffers
-    )
+    batched = batched_meta_loss(loss, rule, params, support, query, steps=3, buffers=f.buffers)
     reference = per_task_meta_loss(model, rule, params, support, query, steps=3)
     torch.testing.assert_close(batched, reference, **TOL)
     assert_close_lists(meta_gradient(batched, params), meta_gradient(reference, params))
@@ -200,7 +198,9 @@ def test_per_task_rates_with_shared_schedule() -> None:
     reference = torch.stack(per_task).mean()
     torch.testing.assert_close(batched, reference, **TOL)
     torch.testing.assert_close(
-        torch.autograd.grad(batched, schedule)[0], torch.autograd.grad(reference, schedule)[0], **TOL
+        torch.autograd.grad(batched, schedule)[0],
+        torch.autograd.grad(reference, schedule)[0],
+        **TOL,
     )
 
 
@@ -259,7 +259,11 @@ BAD_BATCHES = [
         ValueError,
         r"same number of tasks.*support\[1\]: 2",
     ),
-    ({"support": (torch.tensor(1.0), torch.zeros(3))}, ValueError, r"support\[0\] must be a tensor"),
+    (
+        {"support": (torch.tensor(1.0), torch.zeros(3))},
+        ValueError,
+        r"support\[0\] must be a tensor",
+    ),
     ({"task_hyperparameters": {"lr": torch.zeros(4)}}, ValueError, "task_hyperparameters"),
     ({"reduction": "avg"}, ValueError, "reduction must be one of"),
     ({"randomness": "any"}, ValueError, "randomness must be one of"),
@@ -290,3 +294,23 @@ def test_bridge_rejects_bad_input() -> None:
     objective = MetaObjective(model, optimizer, F.mse_loss)
     with pytest.raises(TypeError, match=r"support must be a pair \(inputs, targets\)"):
         objective((torch.zeros(2, 3, 3),), (torch.zeros(2, 3, 3), torch.zeros(2, 3, 2)))
+
+
+@pytest.mark.parametrize(
+    "optimizer_class", hf.optim.supported_optimizers(), ids=lambda c: c.__name__
+)
+def test_every_rule_runs_batched_and_equals_the_loop(optimizer_class: type) -> None:
+    """Every registered rule, default hyperparameters: vmap over tasks equals the loop."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    f = FunctionalModel(model)
+    params = f.params
+    support, query = regression_tasks(2, 4, (3,))
+    rule = hf.optim.rule_factory(optimizer_class)()
+
+    def loss(p: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(f(p, None, x), y)
+
+    batched = batched_meta_loss(loss, rule, params, support, query, steps=2)
+    reference = per_task_meta_loss(model, rule, params, support, query, steps=2)
+    torch.testing.assert_close(batched, reference, **TOL)
+    assert_close_lists(meta_gradient(batched, params), meta_gradient(reference, params))

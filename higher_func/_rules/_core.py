@@ -367,12 +367,21 @@ def check(condition: bool, message: str) -> None:
 
 
 def numbers_in(value: Any) -> Iterable[float]:
-    """The plain numbers in a hyperparameter value (tensors are checked by the user)."""
+    """The numbers in a hyperparameter value that can be checked without a device sync.
+
+    Python numbers and one-element CPU tensors are checked; accelerator tensors and
+    tensors inside ``vmap``/``torch.compile`` are the caller's responsibility.
+    """
     values = value.values() if isinstance(value, Mapping) else [value]
     for item in values:
         if isinstance(item, numbers.Real) and not isinstance(item, bool):
             yield float(item)
-        elif isinstance(item, Tensor) and not _is_traced(item) and item.numel() == 1:
+        elif (
+            isinstance(item, Tensor)
+            and item.device.type == "cpu"  # reading a GPU value would synchronise
+            and not _is_traced(item)
+            and item.numel() == 1
+        ):
             yield float(item.detach())
 
 
