@@ -189,8 +189,8 @@ def run_workload(
     for key, runner in list(runners.items()):
         try:
             first, loss = _timed(runner.iteration, device)
-            second = _timed(runner.iteration, device)[0] if runner.compiled else None
             checks[key] = [t.detach().cpu() for t in runner.check_values()]
+            second = _timed(runner.iteration, device)[0] if runner.compiled else None
         except Exception as error:
             results[key] = _failure(key, "first iteration", error)
             del runners[key]

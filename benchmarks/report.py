@@ -25,13 +25,18 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 HERE = Path(__file__).resolve().parent
+if "--warm-compile-cache" not in sys.argv:
+    # Cold compile times: inductor's on-disk cache would otherwise hide most of the compiling.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="higher_func_bench_")
+
+import torch  # noqa: E402
+
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
@@ -70,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "inflate times up to 10x; 0 keeps torch's default)",
     )
     parser.add_argument("--memory-steps", default="5,20,50", help="inner steps for workload 6")
+    parser.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
+        "are cold)",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
@@ -269,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             "memory_steps": memory_steps,
             "reference": implementations.REFERENCE,
             "baseline": implementations.BASELINE,
+            "threads": torch.get_num_threads(),
+            "compile_cache": "warm (existing)" if args.warm_compile_cache else "cold (fresh)",
         },
         "environment": env,
         "elapsed_s": round(time.perf_counter() - started, 1),

@@ -15,9 +15,9 @@ each path (and the one-off compile time), then meta-trains with the fastest path
 
     python examples/batched_compiled_maml.py [--tasks 25] [--compile]
 
-Compiling costs time once: about 110 s on 2 CPU cores (measured with torch 2.11), so it is
-opt-in with ``--compile``; then one meta-iteration took 0.0023 s against 0.023 s for vmap
-and 0.14 s for the loop. On small models vmap and compile win by 10x and more; on conv nets
+Compiling costs time once: about 100 s on 2 CPU cores (measured with torch 2.11), so it is
+opt-in with ``--compile``; then one meta-iteration took 0.0019 s against 0.018 s for vmap
+and 0.12 s for the loop. On small models vmap and compile win by 10x and more; on conv nets
 on a CPU the loop can be faster than vmap (see the vmap and torch.compile guide).
 """
 

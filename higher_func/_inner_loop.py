@@ -85,7 +85,7 @@ class FunctionalModel:
         (torch.Size([4, 3]), 1, 0)
     """
 
-    __slots__ = ("module", "reroute_norms")
+    __slots__ = ("module", "names", "reroute_norms")
 
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
@@ -94,6 +94,7 @@ class FunctionalModel:
                 f"{type(module).__name__}. Pass the model itself, e.g. FunctionalModel(net)."
             )
         self.module = module
+        self.names = _names(module)
         # The rerouting costs a Python call per op: skip it for models that cannot normalise.
         self.reroute_norms = may_normalize(module)
 
@@ -118,10 +119,11 @@ class FunctionalModel:
         self, params: Params, buffers: Params | None, *inputs: Any, **kwargs: Any
     ) -> tuple[Any, dict[str, Tensor]]:
         """``(output, new_buffers)``: the forward pass and the buffers it leaves behind."""
-        _check_names(self.module, params, buffers)
+        _check_names(self.module, params, buffers, self.names)
         given = dict(buffers) if buffers is not None else {}
+        own = self.buffers if self.names[1] else {}
         # Private copies: modules update num_batches_tracked in place.
-        private = {name: t.clone() for name, t in {**self.buffers, **given}.items()}
+        private = {name: t.clone() for name, t in {**own, **given}.items()}
         if not self.reroute_norms:
             return functional_call(self.module, (dict(params), private), inputs, kwargs), private
         with exact_norms() as updates:
@@ -129,22 +131,32 @@ class FunctionalModel:
         return output, updates.apply(private)
 
 
-def _check_names(module: nn.Module, params: Any, buffers: Any) -> None:
-    known_params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    known_buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
-    for argument, value, known in (
-        ("params", params, known_params),
-        ("buffers", buffers, known_buffers),
-    ):
-        if value is None and argument == "buffers":
-            continue
-        if not isinstance(value, Mapping):
+def _names(module: nn.Module) -> tuple[frozenset[str], frozenset[str]]:
+    """The names of ``module``'s parameters and buffers (tied ones under every name)."""
+    return (
+        frozenset(name for name, _ in module.named_parameters(remove_duplicate=False)),
+        frozenset(name for name, _ in module.named_buffers(remove_duplicate=False)),
+    )
+
+
+def _check_names(
+    module: nn.Module,
+    params: Any,
+    buffers: Any,
+    cached: tuple[frozenset[str], frozenset[str]],
+) -> None:
+    arguments = (("params", params, "parameters"), ("buffers", buffers, "buffers"))
+    for argument, value, method in arguments:
+        if not isinstance(value, Mapping) and not (argument == "buffers" and value is None):
             raise TypeError(
-                f"{argument} must be a dict name -> tensor (like dict(model.named_"
-                f"{'parameters' if argument == 'params' else 'buffers'}())), got "
-                f"{type(value).__name__}."
+                f"{argument} must be a dict name -> tensor (like dict(model.named_{method}())), "
+                f"got {type(value).__name__}."
             )
-        unknown = sorted(set(value) - known)
+    names = cached
+    if not (params.keys() <= names[0] and (buffers or {}).keys() <= names[1]):
+        names = _names(module)  # the module may have changed since it was wrapped
+    for (argument, value, _), known in zip(arguments, names, strict=True):
+        unknown = sorted(set(value or ()) - known)
         if unknown:
             raise KeyError(
                 f"{argument} has key(s) {unknown} that are not {argument} of "
@@ -721,15 +733,24 @@ class MetaObjective:
         query: tuple[Any, Any],
         *,
         task_hyperparameters: Mapping[str, Tensor] | None = None,
+        reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(mean meta-loss, meta-gradient by parameter name)``, all with ``torch.func``.
+        """``(meta-loss, meta-gradient by parameter name)``, all with ``torch.func``.
 
-        Compile it whole: ``torch.compile(objective.value_and_grad, fullgraph=True)``.
+        Same arguments as calling the objective; ``reduction`` is ``"mean"`` or ``"sum"``.
+        Compile it whole: ``higher_func.func.compiled(objective.value_and_grad)``.
         """
+        _check_choice("reduction", reduction, ("mean", "sum"))
         params = {name: p.detach() for name, p in self.model.params.items()}
 
         def objective(params: Params) -> Tensor:
-            return self.loss(params, support, query, task_hyperparameters=task_hyperparameters)
+            return self.loss(
+                params,
+                support,
+                query,
+                task_hyperparameters=task_hyperparameters,
+                reduction=reduction,
+            )
 
         grads, value = grad_and_value(objective)(params)
         return value, grads

@@ -119,6 +119,15 @@ def test_truncation_differentiates_only_the_last_steps() -> None:
     assert d_w0 is None
     # w_4 = w_3 - lr * a * (w_3 - t) with w_3 held constant.
     torch.testing.assert_close(d_lr, -CURVATURE * (before_last - TARGET), **TOL)
+
+    def last_iterate(learning_rate: torch.Tensor) -> torch.Tensor:
+        overrides = {"lr": learning_rate}
+        w = {"w": w0.detach()}
+        return inner_loop(
+            quadratic, rule, w, target, steps=4, truncate=1, hyperparameters=overrides
+        ).params["w"]
+
+    torch.testing.assert_close(torch.func.grad(last_iterate)(lr.detach()), d_lr, **TOL)
     untruncated = inner_loop(quadratic, rule, {"w": w0}, target, steps=4, truncate=4)
     torch.testing.assert_close(untruncated.params["w"], result.params["w"], **TOL)
     assert untruncated.params["w"].requires_grad

@@ -260,6 +260,16 @@ def test_override_that_needs_missing_state_is_refused() -> None:
         rule.step(params, params, rule.init(params), momentum=0.9)
 
 
+def test_tensor_overrides_are_not_read_per_step() -> None:
+    """A learned value may cross a bound mid-training; reading it would also sync a GPU."""
+    rule = hf.optim.sgd(lr=0.1)
+    params = {"w": torch.ones(1)}
+    new, _ = rule.step(params, params, rule.init(params), lr=torch.tensor(-0.5))
+    torch.testing.assert_close(new["w"], torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        rule.step(params, params, rule.init(params), lr=-0.5)  # a plain number is checked
+
+
 def test_init_only_option_override_is_refused() -> None:
     rule = hf.optim.rprop()
     params = {"w": torch.ones(2)}

@@ -127,6 +127,9 @@ def test_meta_objective_bridge_equals_per_task_loop(rule_name: str) -> None:
     objective = MetaObjective(model, optimizer, F.mse_loss, steps=2)
 
     value, grads = objective.value_and_grad(support, query)
+    summed, summed_grads = objective.value_and_grad(support, query, reduction="sum")
+    torch.testing.assert_close(summed, 3 * value, **TOL)
+    assert_close_lists(list(summed_grads.values()), [3 * g for g in grads.values()])
     objective(support, query).backward()
     params = dict(model.named_parameters())
     reference = per_task_meta_loss(model, RULES[rule_name](), params, support, query, steps=2)

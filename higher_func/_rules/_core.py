@@ -8,6 +8,7 @@ hyperparameters, step-time overrides and the error messages for bad input.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,9 @@ __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
 #: Options of ``torch.optim`` that select an implementation, never the math.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+#: Whether validation reads tensor values (off for per-step overrides; see numbers_in).
+_CHECK_TENSORS = contextvars.ContextVar("check_tensor_hyperparameters", default=True)
 
 Hyperparameters = Mapping[str, Any]
 #: A tensor, or a :class:`TensorList` of them: kernels are written once for both.
@@ -173,7 +177,11 @@ class Rule:
                     f"{self.name}(..., {key}={overrides[key]!r})."
                 )
         merged = {**self.hyperparameters, **overrides}
-        self.spec.validate(merged)
+        token = _CHECK_TENSORS.set(False)  # learned values may wander; see numbers_in
+        try:
+            self.spec.validate(merged)
+        finally:
+            _CHECK_TENSORS.reset(token)
         return merged
 
 
@@ -367,17 +375,21 @@ def check(condition: bool, message: str) -> None:
 
 
 def numbers_in(value: Any) -> Iterable[float]:
-    """The numbers in a hyperparameter value that can be checked without a device sync.
+    """The numbers in a hyperparameter value that torch.optim would check.
 
-    Python numbers and one-element CPU tensors are checked; accelerator tensors and
-    tensors inside ``vmap``/``torch.compile`` are the caller's responsibility.
+    Python numbers are always checked.  One-element CPU tensors are checked when a rule is
+    built (as torch checks a tensor ``lr``), not in per-step overrides: a learned value may
+    cross a bound during meta-training, and reading it every step costs a device sync on
+    an accelerator.  Larger tensors (per-element values), accelerator tensors and tensors
+    inside ``vmap``/``torch.compile`` are the caller's responsibility.
     """
     values = value.values() if isinstance(value, Mapping) else [value]
     for item in values:
         if isinstance(item, numbers.Real) and not isinstance(item, bool):
             yield float(item)
         elif (
-            isinstance(item, Tensor)
+            _CHECK_TENSORS.get()
+            and isinstance(item, Tensor)
             and item.device.type == "cpu"  # reading a GPU value would synchronise
             and not _is_traced(item)
             and item.numel() == 1
