@@ -288,7 +288,10 @@ def maml_innerloop_ctx(higher: ModuleType, problem: MamlProblem) -> Runner:
         meta_opt.step()
         return total
 
-    return Runner(iteration, _grads_of(model.parameters()))
+    notes = ""
+    if higher.__name__ == "higher" and problem.inner.name == "adam":
+        notes = "higher 0.2.1's Adam adds eps before the bias correction (torch: after)"
+    return Runner(iteration, _grads_of(model.parameters()), notes=notes)
 
 
 def maml_torchopt(problem: MamlProblem) -> Runner:
@@ -324,6 +327,11 @@ def maml_torchopt(problem: MamlProblem) -> Runner:
         return total
 
     notes = "first order: stop_gradient after each step" if problem.first_order else ""
+    if problem.inner.name == "adam" and not problem.first_order:
+        notes = (
+            "nan meta-gradient: torchopt's Adam differentiates sqrt at a zero second moment "
+            "(eps_root=0 by default)"
+        )
     return Runner(iteration, _grads_of(model.parameters()), notes=notes)
 
 
@@ -597,20 +605,29 @@ def setup_torchopt(problem: SetupProblem) -> Runner:
 
     model = problem.model()
 
+    by = "copy" if problem.copy_initial_weights else "reference"
+
     def iteration() -> None:
+        model_state = torchopt.extract_state_dict(model, by=by)
         inner_opt = torchopt.MetaSGD(model, lr=problem.inner.hyperparameters["lr"])
-        model_state = torchopt.extract_state_dict(model, by="reference")
         torchopt.recover_state_dict(model, model_state)
         del inner_opt
 
-    return Runner(iteration)
+    return Runner(iteration, notes=f"extract_state_dict(by={by!r}) + MetaSGD")
+
+
+def _initial_params(model: torch.nn.Module, copy: bool) -> dict[str, Tensor]:
+    """The starting point of a functional loop: detached copies (as higher copies) or views."""
+    if copy:
+        return {k: p.detach().clone() for k, p in model.named_parameters()}
+    return {k: p.detach() for k, p in model.named_parameters()}
 
 
 def setup_torch_func(problem: SetupProblem) -> Runner:
     model = problem.model()
 
     def iteration() -> None:
-        params = {k: p.detach() for k, p in model.named_parameters()}
+        params = _initial_params(model, problem.copy_initial_weights)
         handwritten_init(problem.inner.name, params)
 
     return Runner(iteration)
@@ -623,7 +640,7 @@ def setup_functional(problem: SetupProblem) -> Runner:
     rule = getattr(higher_func.optim, problem.inner.name)(**problem.inner.hyperparameters)
 
     def iteration() -> None:
-        params = {k: p.detach() for k, p in model.named_parameters()}
+        params = _initial_params(model, problem.copy_initial_weights)
         rule.init(params)
 
     return Runner(iteration)

@@ -237,12 +237,43 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         ]
     out += ["## Implementations", ""]
     out += [f"- **{k}**: {v}" for k, v in report["implementations"].items()]
+    out += ["", "## Method", ""]
+    out += [f"- {line}" for line in method_notes(report)]
     reasons = report.pop("_reasons", [])
     if reasons:
         out += ["", "## Skipped or failed", ""]
         out += [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
     out.append("")
     return "\n".join(out)
+
+
+def method_notes(report: dict[str, Any]) -> list[str]:
+    """How the figures were taken, for the Markdown page."""
+    settings = report["settings"]
+    rounds = ", ".join(f"{k} {v}" for k, v in settings["rounds"].items())
+    return [
+        "Workloads are defined once in `benchmarks/workloads.py` (fixed seeds, float32, "
+        "synthetic data) and every implementation in `benchmarks/implementations.py` runs "
+        "the same problem; the meta-gradient column checks that they compute the same thing.",
+        f"Timed rounds per workload family ({report['mode']} run): {rounds} (fewer when a "
+        "workload's timing budget runs out; at least 3). Rounds are interleaved across "
+        "implementations.",
+        f"torch intra-op threads: {settings.get('threads')} (on a busy machine several threads "
+        "contend and inflate small-op times up to 10x; `--threads 0` keeps torch's default).",
+        "Compiled paths: the first call compiles and is reported in the notes, not in the "
+        f"median; the inductor cache was {settings.get('compile_cache', 'unknown')}.",
+        "MAML meta-loss: the sum of the tasks' query losses; the per-task loops call "
+        "`backward()` once per task, the batched paths once per batch. BatchNorm uses batch "
+        "statistics only (`track_running_stats=False`), as in MAML, so no implementation "
+        "updates buffers.",
+        "First order (workload 6): the `innerloop_ctx` code runs with "
+        "`track_higher_grads=False` (higher's semantics: no graph across steps, no "
+        "meta-gradient), torchopt calls `stop_gradient` after each step, the functional "
+        "loops detach the inner gradients (first-order MAML).",
+        f"Peak memory: {report['environment']['memory_method']}.",
+        "Targets: the ratios of issues 4 and 5, computed from this run's medians; a target "
+        "on a noisy machine should be confirmed by a rerun on a quiet one.",
+    ]
 
 
 # --------------------------------------------------------------------------- chart
@@ -259,6 +290,8 @@ def write_chart(report: dict[str, Any], path: Path) -> str | None:
         return None
     timed = [k for k, v in report["workloads"].items() if v["family"] != "memory"]
     impls = [i for i in report["implementations"] if i != BASELINE]
+    # One colour per implementation in both panels (tab10 has ten).
+    colour = {impl: f"C{n % 10}" for n, impl in enumerate(report["implementations"])}
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / max(len(impls), 1)
     for n, impl in enumerate(impls):
@@ -271,7 +304,7 @@ def write_chart(report: dict[str, Any], path: Path) -> str | None:
             )
             values.append(base / mine if base and mine else 0.0)
         positions = [i + (n - (len(impls) - 1) / 2) * width for i in range(len(timed))]
-        speed.bar(positions, values, width, label=impl)
+        speed.bar(positions, values, width, label=impl, color=colour[impl])
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.set_yscale("log")
     speed.set_xticks(range(len(timed)), [f"workload {k}" for k in timed])
@@ -285,10 +318,17 @@ def write_chart(report: dict[str, Any], path: Path) -> str | None:
             peaks = [report["results"][k].get(impl, {}).get("peak_bytes") for k in keys]
             if steps and all(p is not None for p in peaks):
                 label = f"{impl} ({'tracked' if mode == 'tracked' else 'first order'})"
-                memory.plot(steps, [p / MB for p in peaks], style, marker="o", label=label)
+                memory.plot(
+                    steps,
+                    [p / MB for p in peaks],
+                    style,
+                    marker="o",
+                    label=label,
+                    color=colour[impl],
+                )
     memory.set_xlabel("inner steps")
     memory.set_ylabel("peak memory growth (MB)")
-    memory.set_title("Peak memory of one meta-iteration")
+    memory.set_title("Peak memory of one meta-iteration (solid: tracked, dashed: first order)")
     memory.legend(fontsize="x-small")
     fig.suptitle(
         f"{report['environment']['cpu']}, torch {report['environment']['libraries']['torch']}, "

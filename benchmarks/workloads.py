@@ -14,7 +14,7 @@ Workloads (the keys used in tables, JSON and on the command line):
 * ``4`` hyperparameter learning: 20 unrolled Adam steps of a small MLP whose learning rate
   and weight decay are learned tensors (``exp`` of learned logarithms).
 * ``5`` set-up: entering (and leaving) ``innerloop_ctx`` for a model of about 10 million
-  parameters.
+  parameters, with the default ``copy_initial_weights=True``; ``5b`` with ``False`` (MAML).
 * ``6`` memory: peak memory of one meta-iteration for 5, 20 and 50 inner steps, with the
   graph through the inner loop kept (tracked) and without it (first order).
 """
@@ -317,12 +317,14 @@ def hyper_problem(device: str) -> HyperProblem:
     )
 
 
-def setup_problem(device: str) -> SetupProblem:
+def setup_problem(device: str, copy_initial_weights: bool = True) -> SetupProblem:
+    copy = "copies the weights" if copy_initial_weights else "copy_initial_weights=False"
     return SetupProblem(
-        key="5",
-        title="Set-up: enter and leave innerloop_ctx, 10M-parameter MLP, SGD",
+        key="5" if copy_initial_weights else "5b",
+        title=f"Set-up: enter and leave innerloop_ctx, 10M-parameter MLP, SGD, {copy}",
         build_model=large_mlp,
         inner=InnerOptimizer("sgd", {"lr": 0.1}),
+        copy_initial_weights=copy_initial_weights,
         device=device,
     )
 
@@ -380,6 +382,7 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
         Workload("3", "maml", omniglot_problem(device)),
         Workload("4", "hyper", hyper_problem(device)),
         Workload("5", "setup", setup_problem(device)),
+        Workload("5b", "setup", setup_problem(device, copy_initial_weights=False)),
     ]
     memory = [
         memory_problem(steps, first_order, device)
