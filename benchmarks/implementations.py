@@ -562,9 +562,32 @@ def hyper_inner_loop(problem: HyperProblem) -> Runner:
     return Runner(iteration, _grads_of([log_lr, log_wd]))
 
 
+def _torchopt_tensor_hyperparameters_error() -> str | None:
+    """Why torchopt's MetaAdam cannot take a learned weight decay (``None`` if it can).
+
+    A tensor ``lr`` works; a tensor ``weight_decay`` fails in torchopt 0.7.3.
+    """
+    import torchopt
+
+    probe = torch.nn.Linear(1, 1)
+    lr, weight_decay = (torch.tensor(0.1, requires_grad=True) for _ in range(2))
+    try:
+        optimizer = torchopt.MetaAdam(probe, lr=lr, weight_decay=weight_decay)
+        optimizer.step(probe(torch.ones(1, 1)).sum())
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def hyper_torchopt(problem: HyperProblem) -> Runner:
     import torchopt
 
+    error = _torchopt_tensor_hyperparameters_error()
+    if error:
+        raise Unavailable(
+            f"torchopt {_version('torchopt')} MetaAdam cannot step with a learned (tensor "
+            f"requiring grad) weight_decay: {error}"
+        )
     model = problem.model()
     log_lr, log_wd = problem.log_hyperparameters()
     meta_opt = _meta_adam([log_lr, log_wd], problem.outer_lr)

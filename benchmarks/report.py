@@ -19,24 +19,22 @@ machine: every ratio in the report comes from one run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 HERE = Path(__file__).resolve().parent
-if "--warm-compile-cache" not in sys.argv:
-    # Cold compile times: inductor's on-disk cache would otherwise hide most of the compiling.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="higher_func_bench_")
-
-import torch  # noqa: E402
-
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
@@ -240,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     compile_paths = (not args.quick) if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.warm_compile_cache:
+        # Cold compile times: inductor's on-disk cache (read when compiling starts) would
+        # otherwise hide most of the compiling on a second run.
+        cache = tempfile.mkdtemp(prefix="higher_func_bench_")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     memory_steps = [int(s) for s in args.memory_steps.split(",")]

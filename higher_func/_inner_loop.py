@@ -266,8 +266,13 @@ def inner_loop(
         losses.append(value)
         if trajectory:
             history.append(params)
-    stacked = torch.stack(losses) if losses else torch.zeros(0)
+    stacked = torch.stack(losses) if losses else _no_losses(params)
     return InnerLoop(params, state, buffers, stacked, tuple(history) if trajectory else None)
+
+
+def _no_losses(params: Any) -> Tensor:
+    leaves = optree.tree_leaves(params)
+    return leaves[0].new_zeros(0) if leaves else torch.zeros(0)
 
 
 def _objective(loss: Callable[..., Any], stateful: bool) -> Callable[..., Any]:
@@ -735,24 +740,26 @@ class MetaObjective:
         task_hyperparameters: Mapping[str, Tensor] | None = None,
         reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(meta-loss, meta-gradient by parameter name)``, all with ``torch.func``.
+        """``(meta-loss, meta-gradient by name)`` for parameters requiring grad, by ``torch.func``.
 
         Same arguments as calling the objective; ``reduction`` is ``"mean"`` or ``"sum"``.
         Compile it whole: ``higher_func.func.compiled(objective.value_and_grad)``.
         """
         _check_choice("reduction", reduction, ("mean", "sum"))
-        params = {name: p.detach() for name, p in self.model.params.items()}
+        params = self.model.params
+        trainable = {name: p.detach() for name, p in params.items() if p.requires_grad}
+        frozen = {name: p.detach() for name, p in params.items() if not p.requires_grad}
 
-        def objective(params: Params) -> Tensor:
+        def objective(trainable: Params) -> Tensor:
             return self.loss(
-                params,
+                {**trainable, **frozen},
                 support,
                 query,
                 task_hyperparameters=task_hyperparameters,
                 reduction=reduction,
             )
 
-        grads, value = grad_and_value(objective)(params)
+        grads, value = grad_and_value(objective)(trainable)
         return value, grads
 
 

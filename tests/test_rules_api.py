@@ -161,6 +161,12 @@ def test_compiled_step_equals_eager(case: OptimizerCase) -> None:
     got = compiled(params, grads, state)
     expected = rule.step(params, grads, state)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    if "lr" not in rule.spec.init_only:  # a tensor override traces too (no recompiles)
+        lr = torch.tensor(0.003, dtype=torch.float64)
+        got = compiled(params, grads, state, lr=lr)
+        torch.testing.assert_close(
+            got, rule.step(params, grads, state, lr=lr), rtol=1e-12, atol=1e-14
+        )
 
 
 @pytest.mark.slow

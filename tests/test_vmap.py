@@ -317,3 +317,38 @@ def test_every_rule_runs_batched_and_equals_the_loop(optimizer_class: type) -> N
     reference = per_task_meta_loss(model, rule, params, support, query, steps=2)
     torch.testing.assert_close(batched, reference, **TOL)
     assert_close_lists(meta_gradient(batched, params), meta_gradient(reference, params))
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam])
+def test_meta_objective_equals_innerloop_ctx_code(optimizer_class: type) -> None:
+    """The bridge gives innerloop_ctx code's meta-gradient (batch norm in the model)."""
+    model = conv_bn().to(DTYPE)
+    optimizer = optimizer_class(model.parameters(), lr=0.05)
+    support, query = regression_tasks(3, 5, (1, 6, 6))
+    value, grads = MetaObjective(model, optimizer, F.mse_loss, steps=2).value_and_grad(
+        support, query
+    )
+    total = torch.zeros((), dtype=DTYPE)
+    for task in range(3):
+        with hf.innerloop_ctx(model, optimizer, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(F.mse_loss(fmodel(support[0][task]), support[1][task]))
+            total = total + F.mse_loss(fmodel(query[0][task]), query[1][task])
+    reference = total / 3
+    torch.testing.assert_close(value, reference.detach(), **TOL)
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    assert_close_lists(list(grads.values()), list(expected))
+
+
+def test_value_and_grad_skips_frozen_parameters() -> None:
+    model = mlp().to(DTYPE)
+    model[0].weight.requires_grad_(False)
+    objective = MetaObjective(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss)
+    support, query = regression_tasks(2, 3, (3,))
+    value, grads = objective.value_and_grad(support, query)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert list(grads) == list(trainable)
+    reference = objective(support, query)
+    torch.testing.assert_close(value, reference.detach(), **TOL)
+    expected = torch.autograd.grad(reference, list(trainable.values()))
+    assert_close_lists(list(grads.values()), list(expected))

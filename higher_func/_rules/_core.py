@@ -8,7 +8,6 @@ hyperparameters, step-time overrides and the error messages for bad input.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -25,9 +24,6 @@ __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
 #: Options of ``torch.optim`` that select an implementation, never the math.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-
-#: Whether validation reads tensor values (off for per-step overrides; see numbers_in).
-_CHECK_TENSORS = contextvars.ContextVar("check_tensor_hyperparameters", default=True)
 
 Hyperparameters = Mapping[str, Any]
 #: A tensor, or a :class:`TensorList` of them: kernels are written once for both.
@@ -176,13 +172,10 @@ class Rule:
                     f"state's structure. Build a new rule instead: "
                     f"{self.name}(..., {key}={overrides[key]!r})."
                 )
-        merged = {**self.hyperparameters, **overrides}
-        token = _CHECK_TENSORS.set(False)  # learned values may wander; see numbers_in
-        try:
-            self.spec.validate(merged)
-        finally:
-            _CHECK_TENSORS.reset(token)
-        return merged
+        # Plain numbers are checked; tensor values are not read per step (see numbers_in).
+        numeric = {k: v for k, v in overrides.items() if not _holds_tensor(v)}
+        self.spec.validate({**self.hyperparameters, **numeric})
+        return {**self.hyperparameters, **overrides}
 
 
 def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
@@ -298,6 +291,10 @@ def _per_leaf_hyperparameters(
     ]
 
 
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, Tensor) for leaf in optree.tree_leaves(value))
+
+
 def _format_path(path: tuple[Any, ...]) -> str:
     return "".join(f"[{key!r}]" for key in path)
 
@@ -388,8 +385,7 @@ def numbers_in(value: Any) -> Iterable[float]:
         if isinstance(item, numbers.Real) and not isinstance(item, bool):
             yield float(item)
         elif (
-            _CHECK_TENSORS.get()
-            and isinstance(item, Tensor)
+            isinstance(item, Tensor)
             and item.device.type == "cpu"  # reading a GPU value would synchronise
             and not _is_traced(item)
             and item.numel() == 1
