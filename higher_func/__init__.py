@@ -8,7 +8,7 @@ batch under ``vmap`` and compile with ``torch.compile``.
 from . import func, optim, patch, utils
 from ._diffopt import create_diff_optim, get_diff_optim, register_optim
 from ._inner_loop import MetaObjective, batched_meta_loss, inner_loop
-from ._innerloop import (
+from ._context import (
     clip_grad_norm,
     clip_grad_value,
     innerloop_ctx,
