@@ -492,7 +492,7 @@ def test_many_inner_loops_leave_the_live_tensors_flat(mode, loops):
     count = live_tensors()
     for _ in range(loops - 50):
         meta_step(record=False)
-    assert live_tensors() == count
+    assert live_tensors() <= count  # no growth (other tests' tensors may be freed meanwhile)
     assert all(ref() is None for ref in early_weights)  # their graphs were freed
 
 
@@ -506,7 +506,7 @@ def test_untracked_steps_leave_the_live_tensors_flat_in_the_number_of_steps():
         count = live_tensors()
         for _ in range(200):
             diffopt.step(mse(fmodel(x), y))
-        assert live_tensors() == count
+        assert live_tensors() <= count  # no growth (other tests' tensors may be freed meanwhile)
 
 
 # --------------------------------------------------------------------------- device

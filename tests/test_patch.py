@@ -377,7 +377,7 @@ def test_live_tensors_stay_flat_over_1000_untracked_updates() -> None:
     before = live_tensors()
     for _ in range(1000):
         step()
-    assert live_tensors() == before
+    assert live_tensors() <= before  # no growth
 
 
 # ---------------------------------------------------------------------------------------------
