@@ -2,8 +2,9 @@
 
 Not collected by the default ``python -m pytest`` (``testpaths`` is ``tests`` and
 ``higher_func``).  Run ``python -m pytest benchmarks`` (``tox -e bench``); options:
-``--bench-device cuda``, ``--bench-compile`` (include the compiled paths, 30-120 s of
-compiling each), ``--bench-threads N`` (default 1), ``--bench-rounds N`` (default 3).
+``--bench-device cuda``, ``--bench-compile`` (include the compiled paths, 30-140 s of
+compiling each on a 2-core CPU), ``--bench-compile-conv`` (compile the conv workload too:
+more than 10 minutes), ``--bench-threads N`` (default 1), ``--bench-rounds N`` (default 3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("higher_func benchmarks")
     group.addoption("--bench-device", default="cpu", help="cpu (default) or cuda")
     group.addoption("--bench-compile", action="store_true", help="run the compiled paths")
+    group.addoption(
+        "--bench-compile-conv", action="store_true", help="also compile the conv workload"
+    )
     group.addoption("--bench-threads", type=int, default=1, help="torch threads (0: default)")
     group.addoption("--bench-rounds", type=int, default=3, help="timed rounds per case")
 
@@ -31,6 +35,7 @@ def suite(request: pytest.FixtureRequest) -> dict[str, workloads.Workload]:
     device = request.config.getoption("--bench-device")
     if device.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda: torch.cuda.is_available() is False")
+    implementations.COMPILE_CONV = request.config.getoption("--bench-compile-conv")
     threads = request.config.getoption("--bench-threads")
     if threads:
         torch.set_num_threads(threads)

@@ -438,8 +438,20 @@ def maml_hf_vmap(problem: MamlProblem) -> Runner:
     return Runner(iteration, _grads_of(model.parameters()))
 
 
+#: Compile the conv workload too (``report.py --compile-conv``): on a 2-core CPU compiling
+#: its vmapped second-order meta-gradient takes longer than the whole rest of the run.
+COMPILE_CONV = False
+
+
 def maml_hf_compiled(problem: MamlProblem) -> Runner:
     """``torch.compile(MetaObjective.value_and_grad, fullgraph=True)``, as documented."""
+    model = problem.model()
+    if not COMPILE_CONV and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        raise Unavailable(
+            "compiling the conv workload's meta-gradient takes more than 10 minutes on a "
+            "2-core CPU (one attempt was stopped after 11); pass --compile-conv (report.py) "
+            "or --bench-compile-conv (pytest)"
+        )
     objective, model = _meta_objective(problem)
     meta_opt = _meta_adam(model.parameters(), problem.outer_lr)
     compiled = torch.compile(objective.value_and_grad, fullgraph=True)

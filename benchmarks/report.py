@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the compiled paths (default: yes, except with --quick)",
     )
     parser.add_argument(
+        "--compile-conv",
+        action="store_true",
+        help="also compile the conv workload 3 (more than 10 minutes on a 2-core CPU)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_paths = (not args.quick) if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
+    implementations.COMPILE_CONV = args.compile_conv
     if not args.warm_compile_cache:
         # Cold compile times: inductor's on-disk cache (read when compiling starts) would
         # otherwise hide most of the compiling on a second run.
@@ -278,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 cases[impl.key] = harness.CaseResult(
                     impl.key,
                     "skipped",
-                    "compiled paths are skipped in --quick runs (compiling takes 30-120 s); "
-                    "run without --quick or with --compile",
+                    "compiled paths are skipped in --quick runs (compiling takes 30-140 s "
+                    "each on a 2-core CPU); run without --quick or with --compile",
                 )
         results[workload.key] = {k: c.as_dict() for k, c in cases.items()}
 
