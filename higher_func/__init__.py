@@ -6,8 +6,6 @@ batch under ``vmap`` and compile with ``torch.compile``.
 """
 
 from . import func, optim, patch, utils
-from ._diffopt import create_diff_optim, get_diff_optim, register_optim
-from ._inner_loop import MetaObjective, batched_meta_loss, inner_loop
 from ._context import (
     clip_grad_norm,
     clip_grad_value,
@@ -16,6 +14,8 @@ from ._context import (
     write_back_module,
     write_back_optimizer,
 )
+from ._diffopt import create_diff_optim, get_diff_optim, register_optim
+from ._inner_loop import MetaObjective, batched_meta_loss, inner_loop
 from .patch import monkeypatch
 
 __version__ = "0.1.0"

@@ -16,9 +16,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
-PAGES = [ROOT / "README.md"] + sorted(
-    p for p in DOCS.glob("*.md") if PYTHON_BLOCK.search(p.read_text())
-)
+PAGES = [
+    ROOT / "README.md",
+    *sorted(p for p in DOCS.glob("*.md") if PYTHON_BLOCK.search(p.read_text())),
+]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])

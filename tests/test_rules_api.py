@@ -352,10 +352,10 @@ def test_foreach_path_equals_per_tensor_path(
     params = {**params, "x": torch.randn(4, 1, dtype=torch.float64)}
     grads = {**grads, "x": torch.zeros(4, 1, dtype=torch.float64)}  # zero moments too
     calls = []
-    monkeypatch.setattr(_core, "can_batch", lambda ts: calls.append(len(ts)) or True)
+    monkeypatch.setattr(_core, "can_batch", lambda ts, others=(): calls.append(len(ts)) or True)
     batched, batched_state = step_n(case.factory(**options), params, grads)
     assert calls == [3, 3, 3]  # the foreach path really ran, over all three tensors
-    monkeypatch.setattr(_core, "can_batch", lambda ts: False)
+    monkeypatch.setattr(_core, "can_batch", lambda ts, others=(): False)
     single, single_state = step_n(case.factory(**options), params, grads)
     torch.testing.assert_close(batched, single, rtol=1e-15, atol=1e-300)
     torch.testing.assert_close(batched_state, single_state, rtol=1e-15, atol=1e-300)
@@ -371,6 +371,18 @@ def test_eager_steps_take_the_foreach_path_and_transforms_do_not() -> None:
     torch.func.vmap(lambda x: seen.append(can_batch([x, x])) or x)(torch.ones(3, 2))
     torch.func.grad(lambda x: seen.append(can_batch([x, x])) or x.sum())(torch.ones(2))
     assert seen == [False, False]
+
+
+def test_recorded_steps_take_the_per_tensor_path() -> None:
+    """A recorded foreach op saves all its inputs for backward: more memory than per-tensor."""
+    from higher_func._rules._tensor_list import can_batch
+
+    leaf = torch.ones(2, requires_grad=True)
+    plain = [torch.ones(2), torch.ones(3)]
+    assert not can_batch([leaf, *plain])
+    assert not can_batch(plain, [leaf])  # e.g. a learned learning rate
+    with torch.no_grad():
+        assert can_batch([leaf, *plain])
 
 
 def test_complex_parameters_are_refused() -> None:

@@ -128,7 +128,13 @@ class Rule:
         columns = _state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
-        if _is_shared(hyperparameters) and can_batch([leaves[i] for i in active]):
+        hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
+        others: list[Tensor] = [
+            *(g for g in grad_leaves if g is not None),
+            *(c[i] for c in columns.values() for i in active),
+            *(v for v in hyper_leaves if isinstance(v, Tensor)),
+        ]
+        if _is_shared(hyperparameters) and can_batch([leaves[i] for i in active], others):
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
