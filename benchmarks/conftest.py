@@ -58,7 +58,7 @@ def run_case(
         workload = suite[workload_key]
         impl = implementations.by_key()[implementation_key]
         if impl.compiled and not config.getoption("--bench-compile"):
-            pytest.skip("compiled path: pass --bench-compile (compiling takes 30-120 s)")
+            pytest.skip("compiled path: pass --bench-compile (compiling takes 30-140 s each)")
         try:
             runner = impl.build(workload)
         except implementations.Unavailable as error:

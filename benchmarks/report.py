@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: render the --json file into the tables and --markdown",
+    )
     return parser.parse_args(argv)
 
 
@@ -239,6 +244,12 @@ def _growth(results: dict[str, Any], mode: str, lo: int, hi: int, impl: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        report = json.loads(args.json.read_text())
+        print(render.text_report(report))
+        written = render.write_markdown(report, args.markdown)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
     mode = "quick" if args.quick else "full"
     compile_paths = (not args.quick) if args.compile is None else args.compile
     if args.threads:
