@@ -128,13 +128,9 @@ class Rule:
         columns = _state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
-        hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
-        others: list[Tensor] = [
-            *(g for g in grad_leaves if g is not None),
-            *(c[i] for c in columns.values() for i in active),
-            *(v for v in hyper_leaves if isinstance(v, Tensor)),
-        ]
-        if _is_shared(hyperparameters) and can_batch([leaves[i] for i in active], others):
+        if _is_shared(hyperparameters) and self._can_batch(
+            [leaves[i] for i in active], grad_leaves, columns, hyperparameters
+        ):
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
@@ -157,6 +153,23 @@ class Rule:
                     new_columns[f][i] = s[f]
         new_state = _state_from_columns(self.spec.state_type, new_columns, treespec)
         return optree.tree_unflatten(treespec, new_params), new_state
+
+    @staticmethod
+    def _can_batch(
+        active: list[Tensor],
+        grads: list[Tensor | None],
+        columns: dict[str, list[Tensor]],
+        hyperparameters: Hyperparameters,
+    ) -> bool:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in active):
+            return False  # the common MAML case, decided without gathering the rest
+        hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
+        others: list[Tensor] = [
+            *(g for g in grads if g is not None),
+            *(t for column in columns.values() for t in column),
+            *(v for v in hyper_leaves if isinstance(v, Tensor)),
+        ]
+        return can_batch(active, others)
 
     def _with_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         if not overrides:
@@ -204,7 +217,10 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
 
 
 def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
-    paths, leaves, treespec = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
+    if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
+        return leaves, treespec
+    paths = optree.tree_paths(tree, none_is_leaf=True)  # only to name the bad leaf
     for path, leaf in zip(paths, leaves, strict=True):
         if not isinstance(leaf, Tensor):
             raise TypeError(
@@ -216,7 +232,7 @@ def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
                 f"{argument}{_format_path(path)} is complex ({leaf.dtype}); the rules support "
                 f"real tensors. Optimize torch.view_as_real({argument}...) instead."
             )
-    return leaves, treespec
+    raise AssertionError("unreachable")
 
 
 def _grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
