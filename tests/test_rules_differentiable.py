@@ -135,3 +135,14 @@ def test_learned_lr_receives_its_hypergradient() -> None:
     (d_lr,) = torch.autograd.grad(loss, [lr])
     expected = (2 * (w - 2 * lr * w) * (-2 * w)).sum()
     torch.testing.assert_close(d_lr, expected.detach(), rtol=1e-14, atol=0)
+
+
+def test_safe_sqrt_second_derivative_is_finite_at_zero() -> None:
+    """Through a gradient that is exactly zero in places: sqrt(g^2) differentiated twice."""
+    x = torch.tensor([0.0, 4.0], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    (g,) = torch.autograd.grad((x * x * mask).sum(), x, create_graph=True)
+    (first,) = torch.autograd.grad(hf.optim.safe_sqrt(g * g).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), x)
+    assert first.tolist() == [0.0, 2.0]
+    assert second.tolist() == [0.0, 0.0]

@@ -16,6 +16,7 @@ from ._core import (
     is_zero,
     new_step,
     safe_sqrt,
+    step_value,
 )
 
 
@@ -69,8 +70,9 @@ def _update(
     if hp["amsgrad"]:
         second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
         new_state["max_exp_avg_sq"] = second_moment
-    step_size = lr / (1 - beta1**step)
-    denom = safe_sqrt(second_moment) / torch.sqrt(1 - beta2**step) + hp["eps"]
+    t = step_value(step)
+    step_size = lr / (1 - beta1**t)
+    denom = safe_sqrt(second_moment) / (1 - beta2**t) ** 0.5 + hp["eps"]
     return param - step_size * (exp_avg / denom), new_state
 
 

@@ -16,6 +16,7 @@ from ._core import (
     check_type,
     new_step,
     safe_sqrt,
+    step_value,
 )
 
 
@@ -62,7 +63,7 @@ def _adamax_update(
     step = state["step"] + 1
     exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
     exp_inf = torch.maximum(beta2 * state["exp_inf"], torch.abs(grad) + hp["eps"])
-    step_size = hp["lr"] / (1 - beta1**step)
+    step_size = hp["lr"] / (1 - beta1 ** step_value(step))
     new_state = {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
     return param - step_size * (exp_avg / exp_inf), new_state
 

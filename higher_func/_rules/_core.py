@@ -365,9 +365,53 @@ def safe_sqrt(x: Any) -> Any:
     return _safe_sqrt(x)
 
 
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt`` with derivative ``g / (2 sqrt(x))``, taken as 0 where ``sqrt(x) == 0``.
+
+    One op forward (the masking happens in backward only).  The backward is written in
+    differentiable torch ops, so higher derivatives follow, and the inner ``where`` keeps
+    them finite too (no ``0 * inf``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        zero = root == 0
+        return torch.where(zero, 0.0, grad / (2 * torch.where(zero, 1.0, root)))
+
+
 def _safe_sqrt(x: Tensor) -> Tensor:
-    zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
+    if _is_traced(x):
+        # Under dynamo or functorch transforms (whose wrapped tensors need not report
+        # requires_grad): the masking written out as plain ops.
+        zero = x == 0
+        return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.sqrt(x)  # nothing records a derivative
+    return _SafeSqrt.apply(x)  # eager autograd: one op forward, masking in backward only
+
+
+def step_value(step: Any) -> Any:
+    """The step count as a Python float where reading it is free, else the tensor itself.
+
+    Bias corrections such as ``1 - beta1 ** t`` then cost Python arithmetic instead of
+    several tiny tensor ops per parameter, with the same double-precision result that
+    ``torch.optim`` computes.  Accelerator tensors (reading them would synchronise),
+    tensors inside ``vmap``/``torch.compile`` and tensor lists stay tensors.
+    """
+    if isinstance(step, Tensor) and step.device.type == "cpu" and not _is_traced(step):
+        return step.item()
+    return step
 
 
 def is_zero(value: Any) -> bool:
