@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import types
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -244,6 +245,7 @@ def _seed_hooks(module: nn.Module, memo: dict[int, Any]) -> None:
 
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, type)
+_EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
 def _copies_like_deepcopy(cls: type) -> bool:
@@ -282,6 +284,8 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             )
         elif type(value) in _ATOMIC:
             state[key] = value
+        elif not value and type(value) in _EMPTY_COPIES:
+            state[key] = type(value)()  # most hook dicts: an empty container, copied cheaply
         elif isinstance(value, dict) and (key in ("_parameters", "_buffers") or "hook" in key):
             state[key] = type(value)((k, copy.deepcopy(v, memo)) for k, v in value.items())
         else:
