@@ -30,7 +30,18 @@ __all__ = ["CompileError", "compiled", "compiled_innerloop"]
 
 
 class CompileError(RuntimeError):
-    """``torch.compile`` could not compile an inner loop; the message says what to do."""
+    """``torch.compile`` could not compile an inner loop; the message says what to do.
+
+    Example (Python branching on a tensor's value cannot be captured as one graph):
+        >>> import torch
+        >>> from higher_func.func import CompileError, compiled
+        >>> branchy = compiled(lambda x: x if x.sum() > 0 else -x, backend="eager")
+        >>> try:
+        ...     branchy(torch.ones(2))
+        ... except CompileError as error:
+        ...     print(isinstance(error, RuntimeError), str(error).split(":")[0])
+        True the function cannot be captured as one graph
+    """
 
 
 def compiled(

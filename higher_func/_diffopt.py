@@ -331,6 +331,15 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
     The generic class serves any ``torch.optim`` class with a rule registered through
     :func:`higher_func.optim.register_rule`; the named subclasses fix the torch class.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableRuleOptimizer(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
     """
 
     #: The ``torch.optim`` class whose rule this class runs (``None``: ``other``'s type).
@@ -430,67 +439,177 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
 
 class DifferentiableSGD(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.SGD``, computed by the rule ``optim.sgd``."""
+    """Differentiable ``torch.optim.SGD``, computed by the rule ``optim.sgd``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableSGD(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.SGD
 
 
 class DifferentiableAdam(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.Adam``, computed by the rule ``optim.adam``."""
+    """Differentiable ``torch.optim.Adam``, computed by the rule ``optim.adam``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableAdam(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.Adam
 
 
 class DifferentiableAdamW(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.AdamW``, computed by the rule ``optim.adamw``."""
+    """Differentiable ``torch.optim.AdamW``, computed by the rule ``optim.adamw``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableAdamW(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.AdamW
 
 
 class DifferentiableAdagrad(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.Adagrad``, computed by the rule ``optim.adagrad``."""
+    """Differentiable ``torch.optim.Adagrad``, computed by the rule ``optim.adagrad``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableAdagrad(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.Adagrad
 
 
 class DifferentiableAdadelta(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.Adadelta``, computed by the rule ``optim.adadelta``."""
+    """Differentiable ``torch.optim.Adadelta``, computed by the rule ``optim.adadelta``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adadelta(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableAdadelta(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.Adadelta
 
 
 class DifferentiableAdamax(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.Adamax``, computed by the rule ``optim.adamax``."""
+    """Differentiable ``torch.optim.Adamax``, computed by the rule ``optim.adamax``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adamax(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableAdamax(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.Adamax
 
 
 class DifferentiableASGD(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.ASGD``, computed by the rule ``optim.asgd``."""
+    """Differentiable ``torch.optim.ASGD``, computed by the rule ``optim.asgd``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.ASGD(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableASGD(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.ASGD
 
 
 class DifferentiableRMSprop(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.RMSprop``, computed by the rule ``optim.rmsprop``."""
+    """Differentiable ``torch.optim.RMSprop``, computed by the rule ``optim.rmsprop``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.RMSprop(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableRMSprop(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.RMSprop
 
 
 class DifferentiableRprop(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.Rprop``, computed by the rule ``optim.rprop``."""
+    """Differentiable ``torch.optim.Rprop``, computed by the rule ``optim.rprop``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Rprop(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableRprop(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.Rprop
 
 
 class DifferentiableNAdam(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.NAdam``, computed by the rule ``optim.nadam``."""
+    """Differentiable ``torch.optim.NAdam``, computed by the rule ``optim.nadam``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.NAdam(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableNAdam(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.NAdam
 
 
 class DifferentiableRAdam(DifferentiableRuleOptimizer):
-    """Differentiable ``torch.optim.RAdam``, computed by the rule ``optim.radam``."""
+    """Differentiable ``torch.optim.RAdam``, computed by the rule ``optim.radam``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.RAdam(model.parameters(), lr=0.1)
+        >>> fmodel = hf.monkeypatch(model)
+        >>> diffopt = hf.optim.DifferentiableRAdam(opt, model.parameters(), fmodel=fmodel)
+        >>> [tuple(p.shape) for p in diffopt.step(fmodel(torch.ones(1, 2)).sum())]
+        [(1, 2), (1,)]
+    """
 
     torch_class = torch.optim.RAdam
 
@@ -637,6 +756,15 @@ def register_optim(
         optim_type: the ``torch.optim.Optimizer`` subclass (the torch class).
         diff_optim_type: a :class:`DifferentiableOptimizer` subclass implementing its math,
             e.g. a ``higher``-style class with ``_update(self, grouped_grads, **kwargs)``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> class MySGD(torch.optim.SGD):
+        ...     pass
+        >>> hf.register_optim(MySGD, hf.optim.DifferentiableSGD)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> type(hf.get_diff_optim(MySGD(model.parameters(), lr=0.1), model.parameters())).__name__
+        'DifferentiableSGD'
     """
     if isinstance(optim_type, type) and issubclass(optim_type, DifferentiableOptimizer):
         raise TypeError(

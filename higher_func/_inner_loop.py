@@ -177,6 +177,14 @@ class InnerLoop(NamedTuple):
         losses: the inner losses ``L_support(phi_k)`` for ``k = 0 .. K-1``, shape ``(K,)``.
         trajectory: ``(phi_0, ..., phi_K)`` when asked for with ``trajectory=True``,
             else ``None``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> square = lambda p: (p["w"] - 3.0) ** 2
+        >>> rule, params = hf.optim.sgd(lr=0.25), {"w": torch.tensor(1.0)}
+        >>> result = hf.func.inner_loop(square, rule, params, steps=2, trajectory=True)
+        >>> result.params["w"], result.losses, len(result.trajectory)
+        (tensor(2.5000), tensor([4., 1.]), 3)
     """
 
     params: Any
@@ -559,6 +567,15 @@ class OptimizerRule:
     its own parameters with its own hyperparameters; parameters in no group, and those
     that do not require grad, stay unchanged.  The state is a tuple (one entry per group).
     Built by :func:`rule_from_optimizer`.
+
+    Example (one group per learning rate):
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(1, 1)
+        >>> opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias]}])
+        >>> rule, state = hf.func.rule_from_optimizer(opt, model)
+        >>> ones = {"weight": torch.ones(1, 1), "bias": torch.ones(1)}
+        >>> rule.step(ones, ones, state)[0]
+        {'weight': tensor([[0.9000]]), 'bias': tensor([0.9990])}
     """
 
     __slots__ = ("frozen", "groups")

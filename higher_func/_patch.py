@@ -652,6 +652,15 @@ class FunctionalSubmodule(_StatelessBase):
     Assigning a tensor to one of its parameter names (``fmodel.encoder.weight = w``) records
     new fast weights for the whole fmodel; a tied parameter changes everywhere it is used.
     Other attributes are read from and written to the private copy of the submodule.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> fmodel = hf.monkeypatch(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh()))
+        >>> isinstance(fmodel[0], hf.patch.FunctionalSubmodule), fmodel[0](torch.ones(4, 2)).shape
+        (True, torch.Size([4, 3]))
+        >>> fmodel[0].bias = torch.zeros(3)  # records new fast weights for the whole fmodel
+        >>> len(fmodel.fast_params), fmodel.fast_params[1]
+        (2, tensor([0., 0., 0.]))
     """
 
 
@@ -831,6 +840,15 @@ def make_functional(
 
     Returns:
         A :class:`FunctionalModule` tracking higher gradients.
+
+    Example:
+        >>> import torch
+        >>> from higher_func.patch import make_functional
+        >>> model, x = torch.nn.Linear(2, 1), torch.ones(1, 2)
+        >>> fmodel = make_functional(model)
+        >>> weight = fmodel.fast_params[0]  # a detached view of model.weight: no copy
+        >>> torch.equal(fmodel(x), model(x)), weight.data_ptr() == model.weight.data_ptr()
+        (True, True)
     """
     fmodel = _build(module, Tensor.detach, None, True)
     if encapsulator is not None:
@@ -848,6 +866,16 @@ def buffer_sync(module: nn.Module, fmodule: _StatelessBase, device: DeviceLike =
 
     Raises:
         KeyError: ``module`` has a buffer that ``fmodule`` does not.
+
+    Example:
+        >>> import torch
+        >>> from higher_func.patch import buffer_sync, monkeypatch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> fmodel = monkeypatch(bn)
+        >>> _ = bn(torch.ones(4, 2))  # updates bn's running statistics, not fmodel's
+        >>> buffer_sync(bn, fmodel)
+        >>> fmodel.running_mean, fmodel.num_batches_tracked
+        (tensor([0.1000, 0.1000]), tensor(1))
     """
     if not isinstance(fmodule, _StatelessBase):
         raise TypeError(

@@ -92,7 +92,12 @@ def flatten(x: Any) -> list[Any]:
 
 
 def is_container(x: Any) -> bool:
-    """Whether ``x`` is a list, tuple, dict or set (what the recursive helpers descend into)."""
+    """Whether ``x`` is a list, tuple, dict or set (what the recursive helpers descend into).
+
+    Example:
+        >>> is_container([1, 2]), is_container({"a": 1}), is_container(torch.ones(2))
+        (True, True, False)
+    """
     return isinstance(x, _CONTAINERS)
 
 
@@ -114,19 +119,39 @@ def recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
 
 
 def recursive_detach(target: Any) -> Any:
-    """``target`` with every tensor inside nested containers detached."""
+    """``target`` with every tensor inside nested containers detached.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> detached = recursive_detach({"w": [w * 2], "step": 3})
+        >>> detached["w"][0].requires_grad, detached["step"]
+        (False, 3)
+    """
     return recursive_map(target, lambda v: v.detach() if isinstance(v, Tensor) else v)
 
 
 def recursive_copy_and_cast(target: Any, device: torch.device | str | None) -> Any:
-    """``target`` with every tensor replaced by :func:`copy_tensor` of it on ``device``."""
+    """``target`` with every tensor replaced by :func:`copy_tensor` of it on ``device``.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> copied = recursive_copy_and_cast({"w": w, "names": ("w",)}, "cpu")
+        >>> copied["w"].is_leaf, copied["w"].requires_grad, copied["w"] is w, copied["names"]
+        (True, True, False, ('w',))
+    """
     return recursive_map(
         target, lambda v: copy_tensor(v, True, device) if isinstance(v, Tensor) else v
     )
 
 
 def find_param_in_list(param: Tensor, tensors: Iterable[Tensor]) -> int | None:
-    """The index of the first element of ``tensors`` that *is* ``param``, else ``None``."""
+    """The index of the first element of ``tensors`` that *is* ``param``, else ``None``.
+
+    Example:
+        >>> a, b = torch.zeros(1), torch.zeros(1)
+        >>> find_param_in_list(b, [a, b]), find_param_in_list(torch.zeros(1), [a, b])
+        (1, None)
+    """
     return next((i for i, t in enumerate(tensors) if t is param), None)
 
 

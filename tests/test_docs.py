@@ -7,11 +7,15 @@ run (they need torchrun, a GPU or a long training run); keep them few.
 
 from __future__ import annotations
 
+import inspect
 import re
+import types
 from pathlib import Path
 
 import pytest
 import torch
+
+import higher_func
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -56,3 +60,22 @@ def test_every_page_is_in_the_navigation() -> None:
     config = (ROOT / "mkdocs.yml").read_text()
     for page in DOCS.rglob("*.md"):
         assert page.relative_to(DOCS).as_posix() in config, f"{page} is not in mkdocs.yml's nav"
+
+
+def test_every_public_name_has_a_runnable_example() -> None:
+    """Every public name's docstring holds a ``>>>`` example (run by ``--doctest-modules``)."""
+    missing = []
+    for module in (
+        higher_func,
+        higher_func.optim,
+        higher_func.func,
+        higher_func.patch,
+        higher_func.utils,
+    ):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType):
+                continue
+            if ">>>" not in (inspect.getdoc(obj) or ""):
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, f"public names without a >>> example: {missing}"

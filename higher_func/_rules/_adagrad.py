@@ -30,7 +30,14 @@ def prepare_grad(param: Tensor, grad: Tensor, hp: Hyperparameters) -> Tensor:
 
 
 class AdagradState(NamedTuple):
-    """State of :func:`adagrad`: the sum of squared gradients and the step count."""
+    """State of :func:`adagrad`: the sum of squared gradients and the step count.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.adagrad(initial_accumulator_value=0.5).init({"w": torch.zeros(2)})
+        >>> state._fields, state.sum["w"]
+        (('step', 'sum'), tensor([0.5000, 0.5000]))
+    """
 
     step: Any
     sum: Any
@@ -84,7 +91,14 @@ ADAGRAD = RuleSpec(
 
 
 class AdadeltaState(NamedTuple):
-    """State of :func:`adadelta`: running averages of squared gradients and updates."""
+    """State of :func:`adadelta`: running averages of squared gradients and updates.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.adadelta().init({"w": torch.zeros(2)})
+        >>> state._fields
+        ('step', 'square_avg', 'acc_delta')
+    """
 
     step: Any
     square_avg: Any

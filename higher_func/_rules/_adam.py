@@ -21,7 +21,16 @@ from ._core import (
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam` and :func:`adamw`; ``max_exp_avg_sq`` only with AMSGrad."""
+    """State of :func:`adam` and :func:`adamw`; ``max_exp_avg_sq`` only with AMSGrad.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.adam().init({"w": torch.zeros(2)})
+        >>> state._fields, state.max_exp_avg_sq
+        (('step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), None)
+        >>> hf.optim.adam(amsgrad=True).init({"w": torch.zeros(2)}).max_exp_avg_sq
+        {'w': tensor([0., 0.])}
+    """
 
     step: Any
     exp_avg: Any

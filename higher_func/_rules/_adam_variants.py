@@ -43,7 +43,14 @@ def _maximized(grad: Tensor, hp: Hyperparameters) -> Tensor:
 
 
 class AdamaxState(NamedTuple):
-    """State of :func:`adamax`: first moment and exponentially weighted infinity norm."""
+    """State of :func:`adamax`: first moment and exponentially weighted infinity norm.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.adamax().init({"w": torch.zeros(2)})
+        >>> state._fields
+        ('step', 'exp_avg', 'exp_inf')
+    """
 
     step: Any
     exp_avg: Any
@@ -90,7 +97,14 @@ ADAMAX = RuleSpec(
 
 
 class NAdamState(NamedTuple):
-    """State of :func:`nadam`: moments, step and the running product of momentum factors."""
+    """State of :func:`nadam`: moments, step and the running product of momentum factors.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.nadam().init({"w": torch.zeros(2)})
+        >>> state._fields, state.mu_product["w"]
+        (('step', 'mu_product', 'exp_avg', 'exp_avg_sq'), tensor(1.))
+    """
 
     step: Any
     mu_product: Any
@@ -156,7 +170,14 @@ NADAM = RuleSpec(
 
 
 class RAdamState(NamedTuple):
-    """State of :func:`radam`: moments and step."""
+    """State of :func:`radam`: moments and step.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.radam().init({"w": torch.zeros(2)})
+        >>> state._fields
+        ('step', 'exp_avg', 'exp_avg_sq')
+    """
 
     step: Any
     exp_avg: Any

@@ -12,7 +12,14 @@ from ._core import Hyperparameters, RuleSpec, check_nonnegative, check_type, new
 
 
 class ASGDState(NamedTuple):
-    """State of :func:`asgd`: step, learning rate ``eta``, averaging rate ``mu``, average ``ax``."""
+    """State of :func:`asgd`: step, learning rate ``eta``, averaging rate ``mu``, average ``ax``.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.asgd(lr=0.01).init({"w": torch.zeros(2)})
+        >>> state._fields, state.eta["w"], state.ax["w"]
+        (('step', 'eta', 'mu', 'ax'), tensor(0.0100), tensor([0., 0.]))
+    """
 
     step: Any
     eta: Any

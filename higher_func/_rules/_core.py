@@ -55,6 +55,21 @@ class RuleSpec:
             overriding them per step would have no effect, so it is refused.
         import_state: ``(torch_state, fresh_state) -> state`` for one parameter: how a
             ``torch.optim`` state entry becomes this rule's (default: key for key).
+
+    Example (sign-SGD as a custom rule, built with :func:`higher_func.optim.make_rule`):
+        >>> import torch, higher_func as hf
+        >>> from typing import NamedTuple
+        >>> class SignSGDState(NamedTuple):
+        ...     pass
+        >>> spec = hf.optim.RuleSpec(
+        ...     name="sign_sgd", torch_class=None, state_type=SignSGDState, defaults={"lr": 0.1},
+        ...     fields=lambda hp: (), init=lambda param, hp: {}, validate=lambda hp: None,
+        ...     update=lambda param, grad, state, hp: (param - hp["lr"] * torch.sign(grad), state),
+        ... )
+        >>> rule = hf.optim.make_rule(spec, {"lr": 0.5})
+        >>> params = {"w": torch.tensor([1.0, 1.0])}
+        >>> rule.step(params, {"w": torch.tensor([3.0, -0.1])}, rule.init(params))[0]["w"]
+        tensor([0.5000, 1.5000])
     """
 
     name: str
@@ -87,6 +102,14 @@ class Rule:
 
     Rules are built by the factories in :mod:`higher_func.optim` (``sgd``, ``adam``, ...),
     never directly.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> rule = hf.optim.sgd(lr=0.5)
+        >>> params = {"w": torch.ones(2)}
+        >>> new_params, state = rule.step(params, {"w": torch.ones(2)}, rule.init(params))
+        >>> isinstance(rule, hf.optim.Rule), new_params["w"], params["w"]  # input unchanged
+        (True, tensor([0.5000, 0.5000]), tensor([1., 1.]))
     """
 
     __slots__ = ("hyperparameters", "spec")
@@ -198,7 +221,25 @@ class Rule:
 
 
 def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
-    """Validate ``options`` against ``spec`` and build the rule (implementation flags dropped)."""
+    """Validate ``options`` against ``spec`` and build the rule (implementation flags dropped).
+
+    Public as :func:`higher_func.optim.make_rule`; see :class:`RuleSpec` for a custom rule.
+
+    Example (a sign-SGD rule; its update receives one tensor, or a list of them):
+        >>> import torch, higher_func as hf
+        >>> from typing import NamedTuple
+        >>> spec = hf.optim.RuleSpec(
+        ...     name="sign_sgd", torch_class=None, state_type=NamedTuple("SignSGDState", []),
+        ...     defaults={"lr": 0.1}, fields=lambda hp: (), init=lambda param, hp: {},
+        ...     update=lambda param, grad, state, hp: (param - hp["lr"] * torch.sign(grad), state),
+        ...     validate=lambda hp: None,
+        ... )
+        >>> rule = hf.optim.make_rule(spec, {"lr": 0.5})
+        >>> params = {"w": torch.tensor([1.0, 1.0])}
+        >>> new_params, _ = rule.step(params, {"w": torch.tensor([3.0, -0.1])}, rule.init(params))
+        >>> rule.name, new_params["w"]
+        ('sign_sgd', tensor([0.5000, 1.5000]))
+    """
     unknown = set(options) - set(spec.defaults) - IMPLEMENTATION_FLAGS
     if unknown:
         raise TypeError(

@@ -46,12 +46,30 @@ _BOOKKEEPING_KEYS = frozenset(
 
 
 def supported_optimizers() -> tuple[type, ...]:
-    """The ``torch.optim`` classes that have a registered rule."""
+    """The ``torch.optim`` classes that have a registered rule.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> [k.__name__ for k in hf.optim.supported_optimizers()[:3]]
+        ['SGD', 'Adam', 'AdamW']
+        >>> torch.optim.RAdam in hf.optim.supported_optimizers()
+        True
+    """
     return tuple(_REGISTRY)
 
 
 def rule_factory(optimizer_class: type) -> RuleFactory:
-    """The factory registered for ``optimizer_class`` (or its nearest registered base)."""
+    """The factory registered for ``optimizer_class`` (or its nearest registered base).
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> hf.optim.rule_factory(torch.optim.AdamW) is hf.optim.adamw
+        True
+        >>> class MyAdam(torch.optim.Adam):  # no rule of its own: Adam's is used
+        ...     pass
+        >>> hf.optim.rule_factory(MyAdam)(lr=0.1).name
+        'adam'
+    """
     for klass in optimizer_class.__mro__:
         if klass in _REGISTRY:
             return _REGISTRY[klass]
@@ -69,6 +87,17 @@ def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
     and must return a rule with ``init(params)`` and ``step(params, grads, state)``.  It is
     validated here by building a rule from its defaults and stepping a one-element
     parameter once, so a broken rule fails at registration, not in a training loop.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> class PlainSGD(torch.optim.Optimizer):  # a torch optimizer of one's own
+        ...     def __init__(self, params, lr=0.1):
+        ...         super().__init__(params, {"lr": lr})
+        >>> hf.optim.register_rule(PlainSGD, lambda lr=0.1: hf.optim.sgd(lr=lr))
+        >>> model = torch.nn.Linear(2, 1)
+        >>> [group] = hf.optim.from_torch_optimizer(PlainSGD(model.parameters(), lr=0.5), model)
+        >>> group.rule.name, group.rule.hyperparameters["lr"]
+        ('sgd', 0.5)
     """
     if not (
         isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
@@ -105,6 +134,16 @@ class ImportedGroup(NamedTuple):
             group's parameters, in the group's order.
         state: the rule's state for ``{name: params[name] for name in names}``, imported
             (detached) from the optimizer's ``state``; fresh where torch has none yet.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 1}])
+        >>> groups = hf.optim.from_torch_optimizer(opt, model)
+        >>> [(g.rule.name, g.names, g.rule.hyperparameters["lr"]) for g in groups]
+        [('adam', ('weight',), 0.001), ('adam', ('bias',), 1)]
+        >>> groups[1].state.exp_avg["bias"]
+        tensor([0.])
     """
 
     rule: Rule

@@ -23,7 +23,14 @@ from ._core import (
 
 
 class RMSpropState(NamedTuple):
-    """State of :func:`rmsprop`; ``momentum_buffer`` with momentum, ``grad_avg`` if centered."""
+    """State of :func:`rmsprop`; ``momentum_buffer`` with momentum, ``grad_avg`` if centered.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.rmsprop(centered=True).init({"w": torch.zeros(2)})
+        >>> state._fields, state.momentum_buffer, state.grad_avg
+        (('step', 'square_avg', 'momentum_buffer', 'grad_avg'), None, {'w': tensor([0., 0.])})
+    """
 
     step: Any
     square_avg: Any
@@ -96,7 +103,14 @@ RMSPROP = RuleSpec(
 
 
 class RpropState(NamedTuple):
-    """State of :func:`rprop`: the previous gradient and the per-element step sizes."""
+    """State of :func:`rprop`: the previous gradient and the per-element step sizes.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> state = hf.optim.rprop(lr=0.01).init({"w": torch.zeros(2)})
+        >>> state._fields, state.step_size["w"]
+        (('step', 'prev', 'step_size'), tensor([0.0100, 0.0100]))
+    """
 
     step: Any
     prev: Any

@@ -24,6 +24,13 @@ class SGDState(NamedTuple):
 
     ``step`` counts updates; it is what tells the first step (where torch seeds the
     buffer with the gradient itself, undamped) from the others.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> hf.optim.sgd().init({"w": torch.zeros(2)})
+        SGDState(momentum_buffer=None, step=None)
+        >>> hf.optim.sgd(momentum=0.9).init({"w": torch.zeros(2)}).momentum_buffer
+        {'w': tensor([0., 0.])}
     """
 
     momentum_buffer: Any = None
