@@ -406,40 +406,11 @@ def safe_sqrt(x: Any) -> Any:
     return _safe_sqrt(x)
 
 
-class _SafeSqrt(torch.autograd.Function):
-    """``sqrt`` with derivative ``g / (2 sqrt(x))``, taken as 0 where ``sqrt(x) == 0``.
-
-    One op forward (the masking happens in backward only).  The backward is written in
-    differentiable torch ops, so higher derivatives follow, and the inner ``where`` keeps
-    them finite too (no ``0 * inf``).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.sqrt(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (root,) = ctx.saved_tensors
-        zero = root == 0
-        return torch.where(zero, 0.0, grad / (2 * torch.where(zero, 1.0, root)))
-
-
 def _safe_sqrt(x: Tensor) -> Tensor:
-    if _is_traced(x):
-        # Under dynamo or functorch transforms (whose wrapped tensors need not report
-        # requires_grad): the masking written out as plain ops.
-        zero = x == 0
-        return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.sqrt(x)  # nothing records a derivative
-    return _SafeSqrt.apply(x)  # eager autograd: one op forward, masking in backward only
+    if not _is_traced(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.sqrt(x)  # nothing records a derivative (functorch wrappers may not say)
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
 
 
 def step_value(step: Any) -> Any:
