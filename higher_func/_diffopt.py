@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from ._rules._core import IMPLEMENTATION_FLAGS
-from ._rules._registry import _BOOKKEEPING_KEYS, import_state, rule_factory, supported_optimizers
+from ._rules._registry import (
+    _BOOKKEEPING_KEYS,
+    group_keys,
+    import_state,
+    rule_factory,
+    supported_optimizers,
+)
 from ._rules._sgd import SGDState
 
 __all__ = [
@@ -146,7 +152,8 @@ class DifferentiableOptimizer(abc.ABC):
         """
         _check_optimizer(other)
         reference = _checked_tensors("reference_params", reference_params)
-        self._group_to_param_list = _group_indices(other, reference)
+        position = {id(t): k for k, t in enumerate(reference)}
+        self._group_to_param_list = group_keys(other, position, "reference_params")
         self.param_groups: list[dict[str, Any]] = [
             {**_snapshot_hyperparameters(group), "params": [None] * len(group["params"])}
             for group in other.param_groups
@@ -924,23 +931,6 @@ def _check_optimizer(other: Any) -> None:
             f"other must be a torch.optim.Optimizer, got {type(other).__name__}. Build the "
             f"differentiable optimizer from the torch optimizer of your model."
         )
-
-
-def _group_indices(other: torch.optim.Optimizer, reference: list[Tensor]) -> list[list[int]]:
-    position = {id(t): k for k, t in enumerate(reference)}
-    indices = []
-    for g, group in enumerate(other.param_groups):
-        group_indices = []
-        for j, p in enumerate(group["params"]):
-            if id(p) not in position:
-                raise ValueError(
-                    f"The optimizer's param_groups[{g}]['params'][{j}] (shape "
-                    f"{tuple(p.shape)}) is not among reference_params. Build the optimizer "
-                    f"over the parameters of the same module (model.parameters())."
-                )
-            group_indices.append(position[id(p)])
-        indices.append(group_indices)
-    return indices
 
 
 def _check_fmodel(fmodel: Any, count: int) -> None:

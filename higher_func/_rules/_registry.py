@@ -192,19 +192,11 @@ def from_torch_optimizer(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
         )
-    by_id = {id(t): name for name, t in named_params(params).items()}
+    named = named_params(params)
     factory = rule_factory(type(optimizer))
     groups = []
-    for index, group in enumerate(optimizer.param_groups):
-        names = []
-        for position, p in enumerate(group["params"]):
-            if id(p) not in by_id:
-                raise ValueError(
-                    f"optimizer.param_groups[{index}]['params'][{position}] (shape "
-                    f"{tuple(p.shape)}) is not among the given params. Build the optimizer "
-                    f"over the same module's parameters, or pass the tensors it optimizes."
-                )
-            names.append(by_id[id(p)])
+    keys = group_keys(optimizer, {id(t): name for name, t in named.items()}, "the given params")
+    for group, names in zip(optimizer.param_groups, keys, strict=True):
         rule = factory(**group_hyperparameters(group))
         states = {
             n: optimizer.state.get(p, {}) for n, p in zip(names, group["params"], strict=True)
@@ -212,6 +204,30 @@ def from_torch_optimizer(
         state = import_state(rule, dict(zip(names, group["params"], strict=True)), states)
         groups.append(ImportedGroup(rule, tuple(names), state))
     return groups
+
+
+def group_keys(
+    optimizer: torch.optim.Optimizer, key_by_id: Mapping[int, Any], where: str
+) -> list[list[Any]]:
+    """For each parameter group, the keys (``key_by_id[id(param)]``) of its parameters.
+
+    Raises a ``ValueError`` naming the first parameter that ``key_by_id`` lacks: the
+    optimizer was built over another module's parameters.
+    """
+    keys = []
+    for index, group in enumerate(optimizer.param_groups):
+        names = []
+        for position, p in enumerate(group["params"]):
+            if id(p) not in key_by_id:
+                raise ValueError(
+                    f"The optimizer's param_groups[{index}]['params'][{position}] (shape "
+                    f"{tuple(p.shape)}) is not among {where}. Build the optimizer over the "
+                    f"parameters of the same module (model.parameters()), or pass the tensors "
+                    f"it optimizes."
+                )
+            names.append(key_by_id[id(p)])
+        keys.append(names)
+    return keys
 
 
 def import_state(
