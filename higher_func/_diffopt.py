@@ -54,6 +54,7 @@ __all__ = [
     "DifferentiableRAdam",
     "DifferentiableRMSprop",
     "DifferentiableRprop",
+    "DifferentiableRuleOptimizer",
     "DifferentiableSGD",
     "apply_trainable_opt_params",
     "create_diff_optim",
