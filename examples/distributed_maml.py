@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--iterations", type=int, default=200, help="meta-steps")
+    parser.add_argument("--iterations", type=int, default=120, help="meta-steps")
     parser.add_argument("--tasks", type=int, default=16, help="tasks per meta-batch, all ranks")
     parser.add_argument("--shots", type=int, default=10, help="support/query points per task")
     parser.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps per task")
