@@ -26,7 +26,7 @@ import abc
 import collections
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import optree
 import torch
@@ -396,7 +396,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         """Per group, ``{position: {torch state key: tensor}}`` for the parameters updated so
         far (a read-only view of the rules' state, in ``torch.optim``'s keys)."""
         return [
-            _torch_style_state(state, indices) if state is not None else {}
+            _torch_style_state(_unflattened(state, indices), indices) if state is not None else {}
             for state, indices in zip(self._states, self._group_to_param_list, strict=True)
         ]
 
@@ -421,8 +421,12 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         ):
             if all(g is None for g in grads):
                 continue
+            rule, state = self._current_rule(i, group, indices)
+            if self._track_higher_grads and _flat_step_applies(rule, state, group["params"], grads):
+                group["params"] = self._flat_step(i, rule, state, group["params"], grads)
+                continue
             params = dict(zip(indices, group["params"], strict=True))
-            rule, state = self._current_rule(i, group, params)
+            state = _unflattened(state, indices)
             if state is None:
                 state = rule.init(params)
             new_params, self._states[i] = rule.step(
@@ -430,7 +434,26 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             )
             group["params"] = [new_params[k] for k in indices]
 
-    def _current_rule(self, i: int, group: Mapping[str, Any], params: dict[int, Tensor]) -> Any:
+    def _flat_step(
+        self, i: int, rule: Any, state: Any, params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        """Group ``i``'s step on one flat tensor (see :class:`_FlatState`)."""
+        if isinstance(state, _FlatState) and all(
+            p is v for p, v in zip(params, state.views, strict=True)
+        ):
+            flat = state.params  # the fast weights are still the views cut at the last step
+        else:
+            flat = torch.cat([p.reshape(-1) for p in params])
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        rule_state = state.state if isinstance(state, _FlatState) else rule.init({"flat": flat})
+        new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
+        new_flat = new["flat"]
+        chunks = new_flat.split([p.numel() for p in params])
+        views = tuple(c.view(p.shape) for c, p in zip(chunks, params, strict=True))
+        self._states[i] = _FlatState(new_state, new_flat, views)
+        return list(views)
+
+    def _current_rule(self, i: int, group: Mapping[str, Any], indices: list[int]) -> Any:
         """Group ``i``'s rule and state, rebuilt if its hyperparameters changed."""
         built, state = self._rule_options[i], self._states[i]
         if all(group.get(k) is v for k, v in built.items()):
@@ -438,12 +461,13 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         options = self._options(group)
         rule = self._factory(**options)
         if state is not None and _fields(rule) != _fields(self._rules[i]):
-            state = _refit_state(state, rule.init(params))
+            params = dict(zip(indices, group["params"], strict=True))
+            state = _refit_state(_unflattened(state, indices), rule.init(params))
         self._rules[i], self._rule_options[i], self._states[i] = rule, options, state
         return rule, state
 
     def _detach_state(self) -> None:
-        self._states = [_detached(s) if s is not None else None for s in self._states]
+        self._states = [_detached_state(s) for s in self._states]
 
 
 class DifferentiableSGD(DifferentiableRuleOptimizer):
@@ -1066,6 +1090,81 @@ def _refit_state(state: Any, fresh: Any) -> Any:
             if getattr(fresh, f) is not None and getattr(state, f) is not None
         }
     )
+
+
+# --------------------------------------------------------------------------- flat groups
+
+
+class _FlatState(NamedTuple):
+    """A group's optimizer state kept over one flat tensor, with the fast weights it made.
+
+    While autograd records the steps, a group of same-dtype, same-device dense parameters
+    whose rule is elementwise is stepped as one flat tensor: one autograd node per line of
+    the rule instead of one per line and parameter, so both the step and the outer
+    ``backward`` through it run a few large kernels rather than many tiny ones.  The
+    values are those of the per-parameter step: every element sees the same arithmetic.
+    The group's new fast weights are views (``views``) of the new flat weights
+    (``params``); a later step that finds them unchanged in the fmodel steps ``params``
+    directly, without concatenating again.
+    """
+
+    state: Any
+    params: Tensor
+    views: tuple[Tensor, ...]
+
+
+def _flat_step_applies(rule: Any, state: Any, params: list[Tensor], grads: Sequence[Any]) -> bool:
+    """Whether a recorded step of this group may run on one flat tensor."""
+    spec = getattr(rule, "spec", None)
+    if spec is None or not spec.elementwise or len(params) < 2:
+        return False
+    if not spec.fields(rule.hyperparameters):
+        return False  # a stateless rule (plain SGD) is one op per parameter: nothing to gain
+    if state is not None and not isinstance(state, _FlatState):
+        return False  # imported or per-parameter state stays per parameter
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False  # nothing to record (the batched foreach path serves), or compiled
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    first = params[0]
+    if not first.dtype.is_floating_point:
+        return False
+    for t in (*params, *grads):
+        if not isinstance(t, Tensor) or t.layout != torch.strided:
+            return False
+        if t.dtype != first.dtype or t.device != first.device:
+            return False
+    return all(
+        not isinstance(v, Mapping) and (not isinstance(v, Tensor) or v.dim() == 0)
+        for v in optree.tree_leaves(rule.hyperparameters, none_is_leaf=True)
+    )
+
+
+def _unflattened(state: Any, indices: list[int]) -> Any:
+    """A group's state per parameter (``{index: tensor}`` columns), from a flat one."""
+    if not isinstance(state, _FlatState):
+        return state
+    sizes = [v.numel() for v in state.views]
+
+    def column(field: dict[str, Tensor] | None) -> dict[int, Tensor] | None:
+        if field is None:
+            return None
+        flat = field["flat"]
+        if flat.dim() == 0:  # a per-parameter scalar (the step count): the same for all
+            return dict.fromkeys(indices, flat)
+        chunks = flat.split(sizes)
+        return {k: c.view(v.shape) for k, c, v in zip(indices, chunks, state.views, strict=True)}
+
+    rule_state = state.state
+    return rule_state._replace(**{f: column(getattr(rule_state, f)) for f in rule_state._fields})
+
+
+def _detached_state(state: Any) -> Any:
+    if isinstance(state, _FlatState):
+        # The views stay: while the fmodel still holds them, a later step reuses their
+        # flat weights (only the optimizer state is cut, as for a per-parameter state).
+        return state._replace(state=_detached(state.state))
+    return _detached(state) if state is not None else None
 
 
 def _torch_style_state(state: Any, indices: list[int]) -> dict[int, dict[str, Tensor]]:

@@ -87,6 +87,7 @@ ADAGRAD = RuleSpec(
     update=_adagrad_update,
     validate=_adagrad_validate,
     init_only=frozenset({"initial_accumulator_value"}),
+    elementwise=True,
 )
 
 
@@ -141,4 +142,5 @@ ADADELTA = RuleSpec(
     init=_adadelta_init,
     update=_adadelta_update,
     validate=_adadelta_validate,
+    elementwise=True,
 )

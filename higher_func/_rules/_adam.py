@@ -10,6 +10,8 @@ from torch import Tensor
 from ._core import (
     Hyperparameters,
     RuleSpec,
+    add_product,
+    add_scaled,
     check_betas,
     check_nonnegative,
     check_type,
@@ -17,6 +19,7 @@ from ._core import (
     new_step,
     safe_sqrt,
     step_value,
+    sub_ratio,
 )
 
 
@@ -61,7 +64,7 @@ def apply_weight_decay(param: Tensor, grad: Tensor, hp: Hyperparameters) -> tupl
         return param, grad
     if hp["decoupled_weight_decay"]:
         return param * (1 - hp["lr"] * weight_decay), grad
-    return param, grad + weight_decay * param
+    return param, add_scaled(grad, param, weight_decay)
 
 
 def _update(
@@ -73,7 +76,7 @@ def _update(
     param, grad = apply_weight_decay(param, grad, hp)
     step = state["step"] + 1
     exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+    exp_avg_sq = add_product(beta2 * state["exp_avg_sq"], grad, grad, 1 - beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     second_moment = exp_avg_sq
     if hp["amsgrad"]:
@@ -82,7 +85,7 @@ def _update(
     t = step_value(step)
     step_size = lr / (1 - beta1**t)
     denom = safe_sqrt(second_moment) / (1 - beta2**t) ** 0.5 + hp["eps"]
-    return param - step_size * (exp_avg / denom), new_state
+    return sub_ratio(param, exp_avg, denom, step_size), new_state
 
 
 def validate_adam_family(hp: Hyperparameters) -> None:
@@ -129,6 +132,7 @@ ADAM = RuleSpec(
     update=_update,
     validate=_validate,
     static=frozenset({"amsgrad"}),
+    elementwise=True,
 )
 
 ADAMW = RuleSpec(
@@ -141,4 +145,5 @@ ADAMW = RuleSpec(
     update=_update,
     validate=_validate_adamw,
     static=frozenset({"amsgrad"}),
+    elementwise=True,
 )

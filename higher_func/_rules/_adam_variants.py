@@ -90,6 +90,7 @@ ADAMAX = RuleSpec(
     init=_adamax_init,
     update=_adamax_update,
     validate=validate_adam_family,
+    elementwise=True,
 )
 
 
@@ -163,6 +164,7 @@ NADAM = RuleSpec(
     init=_nadam_init,
     update=_nadam_update,
     validate=_nadam_validate,
+    elementwise=True,
 )
 
 
@@ -228,4 +230,5 @@ RADAM = RuleSpec(
     init=_moments_init,
     update=_radam_update,
     validate=_radam_validate,
+    elementwise=True,
 )

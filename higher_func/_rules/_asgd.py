@@ -78,4 +78,5 @@ ASGD = RuleSpec(
     init=_init,
     update=_update,
     validate=_validate,
+    elementwise=True,
 )

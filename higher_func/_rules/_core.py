@@ -55,6 +55,9 @@ class RuleSpec:
             overriding them per step would have no effect, so it is refused.
         import_state: ``(torch_state, fresh_state) -> state`` for one parameter: how a
             ``torch.optim`` state entry becomes this rule's (default: key for key).
+        elementwise: the update treats every element on its own (only 0-d state, such as a
+            step count, is shared within a parameter), so the differentiable optimizers may
+            step a whole parameter group as one flat tensor while autograd records.
 
     Example (sign-SGD as a custom rule, built with :func:`higher_func.optim.make_rule`):
         >>> import torch, higher_func as hf
@@ -83,6 +86,7 @@ class RuleSpec:
     static: frozenset[str] = frozenset()
     init_only: frozenset[str] = frozenset()
     import_state: Callable[[Mapping[str, Any], dict[str, Tensor]], dict[str, Tensor]] | None = None
+    elementwise: bool = False
 
 
 class Rule:
@@ -410,7 +414,42 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     if not _is_traced(x) and not (torch.is_grad_enabled() and x.requires_grad):
         return torch.sqrt(x)  # nothing records a derivative (functorch wrappers may not say)
     zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, 1.0, x)))
+    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
+    """``x + alpha * y``: torch.optim's ``x.add_(y, alpha=alpha)``, one op when ``alpha`` is a
+    number (fused multiply-add on the CPU, so the same rounding as torch.optim's in-place
+    update), two when it is a tensor (a learned, differentiable hyperparameter)."""
+    if _is_number(alpha):
+        return torch.add(x, y, alpha=alpha)
+    return x + alpha * y
+
+
+def sub_scaled(x: Any, y: Any, alpha: Any) -> Any:
+    """``x - alpha * y``, as :func:`add_scaled` (no extra negation of a tensor ``alpha``)."""
+    if _is_number(alpha):
+        return torch.sub(x, y, alpha=alpha)
+    return x - alpha * y
+
+
+def add_product(x: Any, a: Any, b: Any, value: Any) -> Any:
+    """``x + value * a * b``: torch.optim's ``addcmul_``, one op when ``value`` is a number."""
+    if _is_number(value):
+        return torch.addcmul(x, a, b, value=value)
+    return x + value * a * b
+
+
+def sub_ratio(x: Any, a: Any, b: Any, value: Any) -> Any:
+    """``x - value * (a / b)``: torch.optim's ``x.addcdiv_(a, b, value=-value)``, one op when
+    ``value`` is a number."""
+    if _is_number(value):
+        return torch.addcdiv(x, a, b, value=-value)
+    return x - value * (a / b)
 
 
 def step_value(step: Any) -> Any:

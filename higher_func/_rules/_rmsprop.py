@@ -99,6 +99,7 @@ RMSPROP = RuleSpec(
     update=_rmsprop_update,
     validate=_rmsprop_validate,
     static=frozenset({"centered"}),
+    elementwise=True,
 )
 
 
@@ -171,4 +172,5 @@ RPROP = RuleSpec(
     update=_rprop_update,
     validate=_rprop_validate,
     init_only=frozenset({"lr"}),
+    elementwise=True,
 )

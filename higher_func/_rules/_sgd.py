@@ -10,12 +10,14 @@ from torch import Tensor
 from ._core import (
     Hyperparameters,
     RuleSpec,
+    add_scaled,
     check,
     check_nonnegative,
     check_type,
     is_zero,
     new_step,
     numbers_in,
+    sub_scaled,
 )
 
 
@@ -53,16 +55,16 @@ def _update(
     if hp["maximize"]:
         grad = -grad
     if not is_zero(hp["weight_decay"]):
-        grad = grad + hp["weight_decay"] * param
+        grad = add_scaled(grad, param, hp["weight_decay"])
     if state:
         momentum, dampening, step = hp["momentum"], hp["dampening"], state["step"]
         # torch seeds the buffer with the first gradient, undamped: 0 * m + 1 * g == g.
         if not is_zero(dampening):
             grad = (1 - dampening * torch.clamp(step, max=1)) * grad
-        buffer = momentum * state["momentum_buffer"] + grad
-        grad = grad + momentum * buffer if hp["nesterov"] else buffer
+        buffer = add_scaled(grad, state["momentum_buffer"], momentum)
+        grad = add_scaled(grad, buffer, momentum) if hp["nesterov"] else buffer
         state = {"momentum_buffer": buffer, "step": step + 1}
-    return param - hp["lr"] * grad, state
+    return sub_scaled(param, grad, hp["lr"]), state
 
 
 def _validate(hp: Hyperparameters) -> None:
@@ -104,4 +106,5 @@ SGD = RuleSpec(
     update=_update,
     validate=_validate,
     import_state=_import_state,
+    elementwise=True,
 )

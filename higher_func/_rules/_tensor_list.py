@@ -109,8 +109,8 @@ class TensorList:
     ) -> Any:
         kwargs = kwargs or {}
         batched = _FOREACH_FUNCTIONS.get(func)
-        if batched is not None and not kwargs:
-            result = batched(*args)
+        if batched is not None:
+            result = batched(*args, **kwargs)
             if result is not NotImplemented:
                 return result
         return _elementwise(func, *args, **kwargs)
@@ -150,8 +150,8 @@ def _binary(
     return TensorList(foreach_op(left.items, operand))
 
 
-def _lerp(start: Any, end: Any, weight: Any) -> Any:
-    if not (isinstance(start, TensorList) and isinstance(end, TensorList)):
+def _lerp(start: Any, end: Any, weight: Any, **kwargs: Any) -> Any:
+    if kwargs or not (isinstance(start, TensorList) and isinstance(end, TensorList)):
         return NotImplemented
     operand = _operand(weight, len(start))
     if operand is NotImplemented:
@@ -159,23 +159,54 @@ def _lerp(start: Any, end: Any, weight: Any) -> Any:
     return TensorList(torch._foreach_lerp(start.items, end.items, operand))
 
 
-def _unary(foreach_op: Callable[..., Any]) -> Callable[[Any], Any]:
-    def apply(value: Any) -> Any:
-        if not isinstance(value, TensorList):
+def _unary(foreach_op: Callable[..., Any]) -> Callable[..., Any]:
+    def apply(value: Any, **kwargs: Any) -> Any:
+        if kwargs or not isinstance(value, TensorList):
             return NotImplemented
         return TensorList(foreach_op(value.items))
 
     return apply
 
 
-def _maximum(left: Any, right: Any) -> Any:
-    if not (isinstance(left, TensorList) and isinstance(right, TensorList)):
+def _maximum(left: Any, right: Any, **kwargs: Any) -> Any:
+    if kwargs or not (isinstance(left, TensorList) and isinstance(right, TensorList)):
         return NotImplemented
     return TensorList(torch._foreach_maximum(left.items, right.items))
 
 
+def _scaled(foreach_op: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.add``/``torch.sub`` of two lists with a number ``alpha``."""
+
+    def apply(left: Any, right: Any, *, alpha: Any = 1) -> Any:
+        if not (isinstance(left, TensorList) and isinstance(right, TensorList)):
+            return NotImplemented
+        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+            return NotImplemented
+        return TensorList(foreach_op(left.items, right.items, alpha=alpha))
+
+    return apply
+
+
+def _pointwise(foreach_op: Callable[..., Any]) -> Callable[..., Any]:
+    """``addcmul``/``addcdiv`` over three lists with a number ``value``."""
+
+    def apply(start: Any, first: Any, second: Any, *, value: Any = 1) -> Any:
+        lists = (start, first, second)
+        if not all(isinstance(t, TensorList) for t in lists):
+            return NotImplemented
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            return NotImplemented
+        return TensorList(foreach_op(start.items, first.items, second.items, value=value))
+
+    return apply
+
+
 _FOREACH_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.lerp: _lerp,
+    torch.add: _scaled(torch._foreach_add),
+    torch.sub: _scaled(torch._foreach_sub),
+    torch.addcmul: _pointwise(torch._foreach_addcmul),
+    torch.addcdiv: _pointwise(torch._foreach_addcdiv),
     torch.maximum: _maximum,
     torch.sqrt: _unary(torch._foreach_sqrt),
     torch.abs: _unary(torch._foreach_abs),
