@@ -435,7 +435,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             group["params"] = [new_params[k] for k in indices]
 
     def _flat_step(
-        self, i: int, rule: Any, state: Any, params: list[Tensor], grads: list[Tensor]
+        self, i: int, rule: Any, state: Any, params: list[Tensor], grads: list[Tensor | None]
     ) -> list[Tensor]:
         """Group ``i``'s step on one flat tensor (see :class:`_FlatState`)."""
         if isinstance(state, _FlatState) and all(
@@ -444,7 +444,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             flat = state.params  # the fast weights are still the views cut at the last step
         else:
             flat = torch.cat([p.reshape(-1) for p in params])
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        flat_grad = torch.cat([g.reshape(-1) for g in grads if g is not None])  # none is None
         rule_state = state.state if isinstance(state, _FlatState) else rule.init({"flat": flat})
         new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
         new_flat = new["flat"]
