@@ -443,13 +443,13 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         ):
             flat = state.params  # the fast weights are still the views cut at the last step
         else:
-            flat = torch.cat([p.reshape(-1) for p in params])
-        flat_grad = torch.cat([g.reshape(-1) for g in grads if g is not None])  # none is None
+            flat = torch.cat([_flattened(p) for p in params])
+        flat_grad = torch.cat([_flattened(g) for g in grads if g is not None])  # none is None
         rule_state = state.state if isinstance(state, _FlatState) else rule.init({"flat": flat})
         new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
         new_flat = new["flat"]
         chunks = new_flat.split([p.numel() for p in params])
-        views = tuple(c.view(p.shape) for c, p in zip(chunks, params, strict=True))
+        views = tuple(_shaped(c, p.shape) for c, p in zip(chunks, params, strict=True))
         self._states[i] = _FlatState(new_state, new_flat, views)
         return list(views)
 
@@ -1140,6 +1140,14 @@ def _flat_step_applies(rule: Any, state: Any, params: list[Tensor], grads: Seque
     )
 
 
+def _flattened(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)  # a 1-d tensor as is: no autograd node
+
+
+def _shaped(chunk: Tensor, shape: torch.Size) -> Tensor:
+    return chunk if chunk.shape == shape else chunk.view(shape)
+
+
 def _unflattened(state: Any, indices: list[int]) -> Any:
     """A group's state per parameter (``{index: tensor}`` columns), from a flat one."""
     if not isinstance(state, _FlatState):
@@ -1153,7 +1161,9 @@ def _unflattened(state: Any, indices: list[int]) -> Any:
         if flat.dim() == 0:  # a per-parameter scalar (the step count): the same for all
             return dict.fromkeys(indices, flat)
         chunks = flat.split(sizes)
-        return {k: c.view(v.shape) for k, c, v in zip(indices, chunks, state.views, strict=True)}
+        return {
+            k: _shaped(c, v.shape) for k, c, v in zip(indices, chunks, state.views, strict=True)
+        }
 
     rule_state = state.state
     return rule_state._replace(**{f: column(getattr(rule_state, f)) for f in rule_state._fields})

@@ -16,6 +16,7 @@ name-to-module mapping on every call).  No class is created or patched: the fmod
 from __future__ import annotations
 
 import copy
+import functools
 import types
 import weakref
 from collections import OrderedDict
@@ -232,22 +233,30 @@ def _seed_hooks(module: nn.Module, memo: dict[int, Any]) -> None:
     module's own submodules are still copied, so they bind to the copied submodule.
     """
     named = list(module.named_modules())
-    own = {id(m) for _, m in named}
+    own: set[int] | None = None
     for name, submodule in named:
-        for attribute, hooks in vars(submodule).items():
-            if "hook" not in attribute or not isinstance(hooks, dict):
-                continue
+        for attribute, hooks in submodule.__dict__.items():
+            if not hooks or "hook" not in attribute or not isinstance(hooks, dict):
+                continue  # most modules have only empty hook dicts
             for hook in hooks.values():
                 _check_hook(hook, name or type(module).__name__)
-                bound_to_own = isinstance(hook, types.MethodType) and id(hook.__self__) in own
-                if not bound_to_own:
-                    memo.setdefault(id(hook), hook)
+                if isinstance(hook, types.MethodType):
+                    if own is None:
+                        own = {id(m) for _, m in named}
+                    if id(hook.__self__) in own:
+                        continue  # bound to a copied submodule: copied with it
+                memo.setdefault(id(hook), hook)
 
 
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, type)
-_EMPTY_COPIES = (dict, OrderedDict, set, list)
+#: Values a deep copy shares (immutable).
+_ATOMIC = frozenset(
+    {type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, type}
+)
+_EMPTY_COPIES = frozenset({dict, OrderedDict, set, list})
+_TENSOR_DICTS = frozenset({"_parameters", "_buffers"})
 
 
+@functools.cache
 def _copies_like_deepcopy(cls: type) -> bool:
     """Whether ``copy.deepcopy`` would copy an instance of ``cls`` field by field."""
     return (
@@ -275,23 +284,34 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(module)] = clone
     state: dict[str, Any] = {}
     for key, value in module.__dict__.items():
-        if key == "_compiled_call_impl":
-            continue
-        if key == "_modules":
-            state[key] = type(value)(
+        kind = type(value)
+        if kind in _ATOMIC:
+            if key != "_compiled_call_impl":
+                state[key] = value
+        elif key == "_modules":
+            state[key] = kind(
                 (name, None if child is None else _copy_module(child, memo))
                 for name, child in value.items()
             )
-        elif type(value) in _ATOMIC:
-            state[key] = value
-        elif not value and type(value) in _EMPTY_COPIES:
-            state[key] = type(value)()  # most hook dicts: an empty container, copied cheaply
-        elif isinstance(value, dict) and (key in ("_parameters", "_buffers") or "hook" in key):
-            state[key] = type(value)((k, copy.deepcopy(v, memo)) for k, v in value.items())
+        elif not value and kind in _EMPTY_COPIES:
+            state[key] = kind()  # most hook dicts: an empty container, copied cheaply
+        elif key == "_compiled_call_impl":
+            continue
+        elif isinstance(value, dict) and (key in _TENSOR_DICTS or "hook" in key):
+            state[key] = kind((k, _copy_entry(v, memo)) for k, v in value.items())
         else:
             state[key] = copy.deepcopy(value, memo)
-    clone.__setstate__(state)
+    if cls.__setstate__ is nn.Module.__setstate__:
+        clone.__dict__.update(state)  # what Module.__setstate__ does for a complete state
+    else:
+        clone.__setstate__(state)
     return clone
+
+
+def _copy_entry(value: Any, memo: dict[int, Any]) -> Any:
+    """A parameter, buffer or hook: its pre-seeded copy, else a deep copy."""
+    seeded = memo.get(id(value), memo)
+    return copy.deepcopy(value, memo) if seeded is memo else seeded
 
 
 def _copy_structure(module: nn.Module, memo: dict[int, Any]) -> nn.Module:

@@ -335,12 +335,21 @@ def _assemble_state(
 
 def _is_shared(hyperparameters: Hyperparameters) -> bool:
     """No per-parameter values: every parameter sees the same hyperparameters."""
-    return not any(isinstance(v, Mapping) for v in hyperparameters.values())
+    return not any(_is_mapping(v) for v in hyperparameters.values())
+
+
+def _is_mapping(value: Any) -> bool:
+    kind = type(value)
+    if kind is float or kind is int or kind is bool or kind is tuple or kind is Tensor:
+        return False  # the common cases, without the slower ABC check
+    return isinstance(value, Mapping)
 
 
 def _per_leaf_hyperparameters(
     hyperparameters: Hyperparameters, spec: RuleSpec, treespec: Any, count: int
 ) -> list[Hyperparameters]:
+    if _is_shared(hyperparameters):
+        return [hyperparameters] * count
     per_parameter = {}
     for key, value in hyperparameters.items():
         if isinstance(value, Mapping):
@@ -418,7 +427,10 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the slower ABC check
+        return True
+    return kind is not bool and isinstance(value, numbers.Real)
 
 
 def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
@@ -467,6 +479,9 @@ def step_value(step: Any) -> Any:
 
 def is_zero(value: Any) -> bool:
     """Whether a hyperparameter is the number 0 (tensors never count: they may be learned)."""
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the slower ABC check
+        return value == 0
     return isinstance(value, numbers.Number) and value == 0
 
 
