@@ -16,7 +16,6 @@ name-to-module mapping on every call).  No class is created or patched: the fmod
 from __future__ import annotations
 
 import copy
-import functools
 import types
 import weakref
 from collections import OrderedDict
@@ -256,7 +255,6 @@ _EMPTY_COPIES = frozenset({dict, OrderedDict, set, list})
 _TENSOR_DICTS = frozenset({"_parameters", "_buffers"})
 
 
-@functools.cache
 def _copies_like_deepcopy(cls: type) -> bool:
     """Whether ``copy.deepcopy`` would copy an instance of ``cls`` field by field."""
     return (
