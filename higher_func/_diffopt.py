@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import collections
 import numbers
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -363,7 +364,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 f"picks the right class."
             )
         self._factory = rule_factory(torch_class)
-        self._option_names = frozenset(self._factory().hyperparameters)
+        self._option_names = _option_names(self._factory)
         _check_options_supported(other, self._option_names)
         super().__init__(other, *args, **kwargs)
 
@@ -974,7 +975,27 @@ def _snapshot_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     def leaf(x: Any) -> Any:
         return x.detach().clone() if isinstance(x, Tensor) and not x.requires_grad else x
 
-    return {k: optree.tree_map(leaf, v) for k, v in group.items() if k != "params"}
+    return {
+        k: v if type(v) in _PLAIN_VALUES else optree.tree_map(leaf, v)
+        for k, v in group.items()
+        if k != "params"
+    }
+
+
+#: Hyperparameter values that hold no tensor (kept as they are, without a tree walk).
+_PLAIN_VALUES = frozenset({type(None), bool, int, float, str})
+
+#: Option names of each rule factory (building a rule to read them costs a validation).
+_OPTION_NAMES: weakref.WeakKeyDictionary[Callable[..., Any], frozenset[str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _option_names(factory: Callable[..., Any]) -> frozenset[str]:
+    names = _OPTION_NAMES.get(factory)
+    if names is None:
+        names = _OPTION_NAMES[factory] = frozenset(factory().hyperparameters)
+    return names
 
 
 def _override_values(key: str, values: Any, num_groups: int) -> list[Any]:

@@ -58,7 +58,15 @@ class _Layout:
 
     __slots__ = ("global_index", "index_of", "names", "slots")
 
-    def __init__(self, module: nn.Module, root: _Layout | None = None, prefix: str = "") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        root: _Layout | None = None,
+        prefix: str = "",
+        copies: Mapping[int, Any] | None = None,
+    ) -> None:
+        """The layout of ``module`` (of ``copies[id(m)]`` for each submodule ``m`` if given:
+        the private copy's layout computed from the original, with one walk of it)."""
         owners = dict(module.named_modules(remove_duplicate=False))
         names: list[str] = []
         slots: list[Slot] = []
@@ -68,8 +76,11 @@ class _Layout:
             index = index_by_id.setdefault(id(tensor), len(names))
             if index == len(names):
                 names.append(name)
-            owner, _, key = name.rpartition(".")
-            slots.append((owners[owner]._parameters, key, index))
+            owner_name, _, key = name.rpartition(".")
+            owner = owners[owner_name]
+            if copies is not None:
+                owner = copies[id(owner)]
+            slots.append((owner._parameters, key, index))
             index_of[name] = index
         self.names = tuple(names)
         self.slots = tuple(slots)
@@ -346,7 +357,11 @@ def _build(
         _check_has_data(name, buffer, device)
         memo[id(buffer)] = _to(buffer.detach(), device)
     private = _copy_structure(module, memo)
-    return FunctionalModule._wrap(private, _Core(private, track))
+    try:
+        layout = _Layout(module, copies=memo)  # one walk of the original, mapped to the copy
+    except KeyError:  # a class whose own __deepcopy__ bypasses the memo: walk the copy
+        layout = _Layout(private)
+    return FunctionalModule._wrap(private, _Core(private, track, layout))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,9 +372,9 @@ def _build(
 class _Core:
     """State shared by an fmodel and its submodule views: the copy, layout and history."""
 
-    def __init__(self, module: nn.Module, track: bool) -> None:
+    def __init__(self, module: nn.Module, track: bool, layout: _Layout) -> None:
         self.module = module
-        self.layout = _Layout(module)
+        self.layout = layout
         initial: dict[int, Tensor] = {}
         for params, key, index in self.layout.slots:
             initial.setdefault(index, params[key])

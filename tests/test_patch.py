@@ -575,6 +575,41 @@ def test_regression_abc_module() -> None:
     assert any(isinstance(m, Concrete) for m in fmodel.modules())
 
 
+class OwnDeepcopy(nn.Module):
+    """A module whose ``__deepcopy__`` builds a fresh submodule, bypassing the memo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> OwnDeepcopy:
+        new = OwnDeepcopy()
+        for key, value in self.inner._parameters.items():
+            new.inner._parameters[key] = memo.get(id(value), value)
+        return new
+
+
+def test_a_module_with_its_own_deepcopy_gets_a_layout_of_its_copy() -> None:
+    """The layout is read off the original and mapped to the copy; a submodule the memo
+    does not know (made by a custom ``__deepcopy__``) makes it walk the copy instead."""
+    model = nn.Sequential(OwnDeepcopy(), nn.Tanh()).double()
+    fmodel = monkeypatch(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert fmodel.param_names == ("0.inner.weight", "0.inner.bias")
+    assert_close(fmodel(x), model(x))
+    new = perturbed(fmodel)
+    fmodel.update_params(new)
+    expected = functional_call(model, dict(zip(fmodel.param_names, new, strict=True)), (x,))
+    assert_close(fmodel(x), expected)
+    assert_close(
+        fmodel[0].inner(x),
+        functional_call(model[0].inner, dict(zip(["weight", "bias"], new, strict=True)), (x,)),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # copy_initial_weights, device, lifetime, copies.
 # ---------------------------------------------------------------------------------------------

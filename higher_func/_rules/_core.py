@@ -512,9 +512,9 @@ def numbers_in(value: Any) -> Iterable[float]:
     an accelerator.  Larger tensors (per-element values), accelerator tensors and tensors
     inside ``vmap``/``torch.compile`` are the caller's responsibility.
     """
-    values = value.values() if isinstance(value, Mapping) else [value]
+    values = value.values() if _is_mapping(value) else [value]
     for item in values:
-        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+        if _is_number(item):
             yield float(item)
         elif (
             isinstance(item, Tensor)
