@@ -307,18 +307,20 @@ class DifferentiableOptimizer(abc.ABC):
     def _gather(self, params: list[Tensor]) -> list[Tensor]:
         new_params = list(params)
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
-            finished = [
-                self._finish(params[k], new, k)
-                for k, new in zip(indices, group["params"], strict=True)
-            ]
-            group["params"] = finished
+            finished = group["params"]
+            if not self._track_higher_grads:
+                finished = [
+                    self._finish(params[k], new, k)
+                    for k, new in zip(indices, finished, strict=True)
+                ]
+                group["params"] = finished
             for k, new in zip(indices, finished, strict=True):
                 new_params[k] = new
         return new_params
 
     def _finish(self, old: Tensor, new: Tensor, index: int) -> Tensor:
-        """The parameter recorded after a step (detached in first-order mode)."""
-        if self._track_higher_grads or new is old:
+        """The parameter recorded after an untracked step (detached, or first-order MAML's)."""
+        if new is old:
             return new
         anchor = self._first_order_anchor
         if anchor is not None and old.requires_grad and anchor[index].requires_grad:
