@@ -425,9 +425,11 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             if all(g is None for g in grads):
                 continue
             rule, state = self._current_rule(i, group, indices)
-            if self._track_higher_grads and _flat_step_applies(rule, state, group["params"], grads):
-                group["params"] = self._flat_step(i, rule, state, group["params"], grads)
-                continue
+            if self._track_higher_grads and _flat_step_applies(rule, group["params"], grads):
+                flat = _as_flat_state(state, indices, group["params"])
+                if flat is not None or state is None:
+                    group["params"] = self._flat_step(i, rule, flat, group["params"], grads)
+                    continue
             params = dict(zip(indices, group["params"], strict=True))
             state = _unflattened(state, indices)
             if state is None:
@@ -438,17 +440,24 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             group["params"] = [new_params[k] for k in indices]
 
     def _flat_step(
-        self, i: int, rule: Any, state: Any, params: list[Tensor], grads: list[Tensor | None]
+        self,
+        i: int,
+        rule: Any,
+        state: _FlatState | None,
+        params: list[Tensor],
+        grads: list[Tensor | None],
     ) -> list[Tensor]:
         """Group ``i``'s step on one flat tensor (see :class:`_FlatState`)."""
-        if isinstance(state, _FlatState) and all(
-            p is v for p, v in zip(params, state.views, strict=True)
+        if (
+            state is not None
+            and state.views is not None
+            and all(p is v for p, v in zip(params, state.views, strict=True))
         ):
             flat = state.params  # the fast weights are still the views cut at the last step
         else:
             flat = torch.cat([_flattened(p) for p in params])
         flat_grad = torch.cat([_flattened(g) for g in grads if g is not None])  # none is None
-        rule_state = state.state if isinstance(state, _FlatState) else rule.init({"flat": flat})
+        rule_state = state.state if state is not None else rule.init({"flat": flat})
         new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
         new_flat = new["flat"]
         chunks = new_flat.split([p.numel() for p in params])
@@ -1105,12 +1114,13 @@ def _fields(rule: Any) -> tuple[str, ...] | None:
 
 def _refit_state(state: Any, fresh: Any) -> Any:
     """``state`` with the fields it lacks (e.g. a momentum buffer after momentum became
-    non-zero) taken from ``fresh``; fields still in use keep their values."""
-    return fresh._replace(
+    non-zero) taken from ``fresh``.  Fields it has keep their values, used or not: like
+    ``torch.optim``, a momentum buffer survives a stretch of zero momentum and resumes."""
+    return state._replace(
         **{
-            f: getattr(state, f)
+            f: getattr(fresh, f)
             for f in fresh._fields
-            if getattr(fresh, f) is not None and getattr(state, f) is not None
+            if getattr(state, f) is None and getattr(fresh, f) is not None
         }
     )
 
@@ -1128,23 +1138,56 @@ class _FlatState(NamedTuple):
     values are those of the per-parameter step: every element sees the same arithmetic.
     The group's new fast weights are views (``views``) of the new flat weights
     (``params``); a later step that finds them unchanged in the fmodel steps ``params``
-    directly, without concatenating again.
+    directly, without concatenating again.  A state imported from ``torch.optim`` (or
+    kept per parameter by an earlier step) is flattened at its first flat step, without
+    weights to reuse (``params`` and ``views`` are ``None``).
     """
 
     state: Any
-    params: Tensor
-    views: tuple[Tensor, ...]
+    params: Tensor | None
+    views: tuple[Tensor, ...] | None
 
 
-def _flat_step_applies(rule: Any, state: Any, params: list[Tensor], grads: Sequence[Any]) -> bool:
+def _as_flat_state(state: Any, indices: list[int], params: list[Tensor]) -> _FlatState | None:
+    """``state`` as a flat state, or ``None`` when it is missing or cannot be flattened.
+
+    A per-parameter state flattens when its fields are either shaped like the parameters
+    (per element) or 0-d and equal across the group (step counts; compared on the CPU
+    only, since reading accelerator values would synchronise).  A group of 0-d
+    parameters only stays per parameter: there both kinds of field look alike.
+    """
+    if state is None or isinstance(state, _FlatState):
+        return state
+    if all(p.dim() == 0 for p in params):
+        return None
+    fields = {}
+    for field in state._fields:
+        column = getattr(state, field)
+        if column is None:
+            continue
+        tensors = [column[k] for k in indices]
+        first = tensors[0]
+        if all(
+            t.shape == p.shape and t.dtype == first.dtype and t.device == first.device
+            for t, p in zip(tensors, params, strict=True)
+        ):
+            fields[field] = {"flat": torch.cat([_flattened(t) for t in tensors])}
+        elif all(t.dim() == 0 for t in tensors):
+            if first.device.type != "cpu" or not all(torch.equal(t, first) for t in tensors):
+                return None
+            fields[field] = {"flat": first}
+        else:
+            return None
+    return _FlatState(state._replace(**fields), None, None)
+
+
+def _flat_step_applies(rule: Any, params: list[Tensor], grads: Sequence[Any]) -> bool:
     """Whether a recorded step of this group may run on one flat tensor."""
     spec = getattr(rule, "spec", None)
     if spec is None or not spec.elementwise or len(params) < 2:
         return False
     if not spec.fields(rule.hyperparameters):
         return False  # a stateless rule (plain SGD) is one op per parameter: nothing to gain
-    if state is not None and not isinstance(state, _FlatState):
-        return False  # imported or per-parameter state stays per parameter
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False  # nothing to record (the batched foreach path serves), or compiled
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -1175,7 +1218,9 @@ def _unflattened(state: Any, indices: list[int]) -> Any:
     """A group's state per parameter (``{index: tensor}`` columns), from a flat one."""
     if not isinstance(state, _FlatState):
         return state
-    sizes = [v.numel() for v in state.views]
+    views = state.views
+    assert views is not None, "a stored flat state always has its views"
+    sizes = [v.numel() for v in views]
 
     def column(field: dict[str, Tensor] | None) -> dict[int, Tensor] | None:
         if field is None:
@@ -1184,9 +1229,7 @@ def _unflattened(state: Any, indices: list[int]) -> Any:
         if flat.dim() == 0:  # a per-parameter scalar (the step count): the same for all
             return dict.fromkeys(indices, flat)
         chunks = flat.split(sizes)
-        return {
-            k: _shaped(c, v.shape) for k, c, v in zip(indices, chunks, state.views, strict=True)
-        }
+        return {k: _shaped(c, v.shape) for k, c, v in zip(indices, chunks, views, strict=True)}
 
     rule_state = state.state
     return rule_state._replace(**{f: column(getattr(rule_state, f)) for f in rule_state._fields})

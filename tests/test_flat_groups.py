@@ -261,13 +261,8 @@ def test_flat_groups_equal_torch_and_the_per_parameter_meta_gradient(case, optio
     assert all(bool(g.abs().sum() > 0) for g in expected if g.numel())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="torch.optim.Adagrad fills its state (step 0) when built; imported state is kept "
-    "per parameter, so a fresh Adagrad never takes the flat path",
-)
 def test_a_fresh_adagrad_steps_flat():
+    """torch.optim.Adagrad fills its state (step 0) when built: the imported state flattens."""
     net = make_net()
     with hf.innerloop_ctx(net, torch.optim.Adagrad(net.parameters(), lr=0.1)) as (fm, diffopt):
         x, y = batches(1)[0]
@@ -386,27 +381,32 @@ SGD_MOMENTUM = {"lr": 0.1, "dampening": 0.3, "weight_decay": 0.05}
         pytest.param(
             SGD, SGD_MOMENTUM, (0.9, 0.9, 0.0, 0.0), (True, True, False, False), id="sgd-off"
         ),
-        pytest.param(SGD, SGD_MOMENTUM, (0.0, 0.0, 0.9, 0.9), (False,) * 4, id="sgd-on"),
+        # The per-parameter state that momentum 0.9 refits with a buffer flattens.
+        pytest.param(
+            SGD, SGD_MOMENTUM, (0.0, 0.0, 0.9, 0.9), (False, False, True, True), id="sgd-on"
+        ),
+        # Like torch, the buffer is kept (not updated) while momentum is 0, then resumed.
         pytest.param(
             SGD,
             SGD_MOMENTUM,
             (0.9, 0.0, 0.9, 0.9),
-            (True, False, False, False),
+            (True, False, True, True),
             id="sgd-off-and-on-again",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="torch keeps the momentum buffer while momentum is 0 and resumes it; "
-                "higher_func drops it and seeds a new one (flat or not)",
-            ),
         ),
-        # The refit keeps the averages of the flat state (unflattened), drops the buffer.
+        # The refit keeps the averages and the (now unused) buffer, as torch does.
         pytest.param(
             RMSPROP,
             {"lr": 0.01, "centered": True},
             (0.5, 0.5, 0.0, 0.0),
-            (True, True, False, False),
+            (True,) * 4,
             id="rmsprop-off",
+        ),
+        pytest.param(
+            RMSPROP,
+            {"lr": 0.01, "centered": True},
+            (0.5, 0.0, 0.5, 0.5),
+            (True,) * 4,
+            id="rmsprop-off-and-on-again",
         ),
     ],
 )
@@ -626,7 +626,7 @@ def test_plain_sgd_stays_per_parameter_and_matches_torch(options):
         ("untracked", [False, False, False, False]),
         ("first_order", [False, False, False, False]),
         ("untracked_after_flat", [True, True, False, False]),
-        ("tracked_again", [True, True, False, False]),
+        ("tracked_again", [True, True, False, True]),
     ],
 )
 @pytest.mark.parametrize(("case", "options"), TRANSITION_CASES, ids=TRANSITION_IDS)

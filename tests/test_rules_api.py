@@ -266,6 +266,33 @@ def test_override_that_needs_missing_state_is_refused() -> None:
         rule.step(params, params, rule.init(params), momentum=0.9)
 
 
+def test_unused_state_fields_pass_through_like_torch() -> None:
+    """torch.optim keeps a momentum buffer untouched while momentum is 0, then resumes it."""
+    rule = hf.optim.sgd(lr=0.1, momentum=0.9, dampening=0.2)
+    params, grads = params_and_grads()
+    leaves = [p.clone().requires_grad_() for p in params.values()]
+    torch_opt = torch.optim.SGD(leaves, lr=0.1, momentum=0.9, dampening=0.2)
+    state = rule.init(params)
+    for momentum in (0.9, 0.0, 0.0, 0.9):
+        new, new_state = rule.step(params, grads, state, momentum=momentum)
+        if momentum == 0.0:
+            assert new_state.momentum_buffer is state.momentum_buffer
+            assert new_state.step is state.step
+        params, state = new, new_state
+        torch_opt.param_groups[0]["momentum"] = momentum
+        for leaf, g in zip(leaves, grads.values(), strict=True):
+            leaf.grad = g.clone()
+        torch_opt.step()
+        torch.testing.assert_close(list(params.values()), leaves, rtol=1e-13, atol=1e-15)
+
+
+def test_a_hyperparameter_that_would_grow_a_parameter_is_refused() -> None:
+    rule = hf.optim.adam(lr=torch.tensor([0.1]))
+    params = {"scale": torch.tensor(1.0), "w": torch.ones(3)}
+    with pytest.raises(ValueError, match=re.escape("shape of params['scale'] from () to (1,)")):
+        rule.step(params, params, rule.init(params))
+
+
 def test_tensor_overrides_are_not_read_per_step() -> None:
     """A learned value may cross a bound mid-training; reading it would also sync a GPU."""
     rule = hf.optim.sgd(lr=0.1)

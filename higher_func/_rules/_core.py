@@ -178,7 +178,11 @@ class Rule:
                 new_params[i] = p
                 for f in fields:
                     new_columns[f][i] = s[f]
-        new_state = _state_from_columns(self.spec.state_type, new_columns, treespec)
+        _check_shapes_kept(leaves, new_params, active, treespec)
+        # Fields these hyperparameters do not use pass through (torch.optim keeps them too).
+        new_state = state._replace(
+            **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
+        )
         return optree.tree_unflatten(treespec, new_params), new_state
 
     @staticmethod
@@ -319,6 +323,20 @@ def _state_columns(
                 f"{_mismatch(treespec, tree)} Build the state with rule.init(params)."
             ) from error
     return columns
+
+
+def _check_shapes_kept(
+    old: list[Tensor], new: list[Tensor], active: list[int], treespec: Any
+) -> None:
+    for i in active:
+        if new[i].shape != old[i].shape:
+            path = _format_path(treespec.paths()[i]) if treespec.num_leaves else ""
+            raise ValueError(
+                f"the step changed the shape of params{path} from {tuple(old[i].shape)} to "
+                f"{tuple(new[i].shape)}: a hyperparameter tensor was broadcast against it. "
+                f"Give hyperparameters as numbers, 0-d tensors or tensors no larger than the "
+                f"parameter (torch.optim's in-place update refuses this too)."
+            )
 
 
 def _state_from_columns(state_type: Any, columns: dict[str, list[Tensor]], treespec: Any) -> Any:
