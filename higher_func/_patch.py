@@ -64,20 +64,18 @@ class _Layout:
         root: _Layout | None = None,
         prefix: str = "",
         copies: Mapping[int, Any] | None = None,
+        walk: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
-        """The layout of ``module`` (of ``copies[id(m)]`` for each submodule ``m`` if given:
-        the private copy's layout computed from the original, with one walk of it)."""
-        owners = dict(module.named_modules(remove_duplicate=False))
+        """The layout of ``module``, or of its copy: with ``copies``, each submodule ``m``
+        (listed by ``walk``, ``_walk(module)``) stands for ``copies[id(m)]``."""
         names: list[str] = []
         slots: list[Slot] = []
         index_of: dict[str, int] = {}
         index_by_id: dict[int, int] = {}
-        for name, tensor in module.named_parameters(remove_duplicate=False):
+        for name, owner, key, tensor in _occurrences(walk or _walk(module)):
             index = index_by_id.setdefault(id(tensor), len(names))
             if index == len(names):
                 names.append(name)
-            owner_name, _, key = name.rpartition(".")
-            owner = owners[owner_name]
             if copies is not None:
                 owner = copies[id(owner)]
             slots.append((owner._parameters, key, index))
@@ -94,6 +92,20 @@ class _Layout:
         """Put ``values`` (one per distinct parameter) into every slot."""
         for params, key, index in self.slots:
             params[key] = values[index]
+
+
+def _walk(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every submodule occurrence with its name (shared ones under each name), in order."""
+    return list(module.named_modules(remove_duplicate=False))
+
+
+def _occurrences(walk: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """``(name, owner, key, tensor)`` for every parameter occurrence, in the order of
+    ``module.named_parameters(remove_duplicate=False)`` (which walks the same way)."""
+    for prefix, owner in walk:
+        for key, tensor in owner._parameters.items():
+            if tensor is not None:
+                yield (f"{prefix}.{key}" if prefix else key), owner, key, tensor
 
 
 def _call_with(module: nn.Module, layout: _Layout, values: Sequence[Tensor], args, kwargs):
@@ -235,14 +247,16 @@ def _check_has_data(name: str, tensor: Tensor, device: torch.device | None) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def _seed_hooks(module: nn.Module, memo: dict[int, Any]) -> None:
+def _seed_hooks(
+    module: nn.Module, memo: dict[int, Any], walk: list[tuple[str, nn.Module]] | None = None
+) -> None:
     """Make a deep copy share the user's hook callables instead of copying them.
 
     A hook is usually a closure or a ``functools.partial`` that writes into the user's own
     objects; a copy of those would record into a copy nobody reads.  Bound methods of the
     module's own submodules are still copied, so they bind to the copied submodule.
     """
-    named = list(module.named_modules())
+    named = walk or _walk(module)
     own: set[int] | None = None
     for name, submodule in named:
         for attribute, hooks in submodule.__dict__.items():
@@ -323,8 +337,10 @@ def _copy_entry(value: Any, memo: dict[int, Any]) -> Any:
     return copy.deepcopy(value, memo) if seeded is memo else seeded
 
 
-def _copy_structure(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    _seed_hooks(module, memo)
+def _copy_structure(
+    module: nn.Module, memo: dict[int, Any], walk: list[tuple[str, nn.Module]]
+) -> nn.Module:
+    _seed_hooks(module, memo, walk)
     try:
         return _copy_module(module, memo)
     except Exception as error:
@@ -349,16 +365,18 @@ def _build(
 ) -> FunctionalModule:
     """Copy ``module``'s structure with ``initial(p)`` in every parameter slot."""
     _check_module(module)
+    walk = _walk(module)
     memo: dict[int, Any] = {}
-    for name, param in module.named_parameters():
-        _check_has_data(name, param, device)
-        memo[id(param)] = initial(param)
+    for name, _, _, param in _occurrences(walk):
+        if id(param) not in memo:
+            _check_has_data(name, param, device)
+            memo[id(param)] = initial(param)
     for name, buffer in module.named_buffers():
         _check_has_data(name, buffer, device)
         memo[id(buffer)] = _to(buffer.detach(), device)
-    private = _copy_structure(module, memo)
+    private = _copy_structure(module, memo, walk)
     try:
-        layout = _Layout(module, copies=memo)  # one walk of the original, mapped to the copy
+        layout = _Layout(module, copies=memo, walk=walk)  # the original's walk, on the copy
     except KeyError:  # a class whose own __deepcopy__ bypasses the memo: walk the copy
         layout = _Layout(private)
     return FunctionalModule._wrap(private, _Core(private, track, layout))
