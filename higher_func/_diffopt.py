@@ -391,6 +391,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             state = None  # a fresh optimizer's state is built at the first step, like torch's
             if any(torch_states.values()):
                 state = import_state(rule, {k: reference[k] for k in indices}, torch_states)
+                state = _positional(state, indices)
                 state = _move_state(state, self._device)
             self._states.append(state)
 
@@ -399,8 +400,8 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         """Per group, ``{position: {torch state key: tensor}}`` for the parameters updated so
         far (a read-only view of the rules' state, in ``torch.optim``'s keys)."""
         return [
-            _torch_style_state(_unflattened(state, indices), indices) if state is not None else {}
-            for state, indices in zip(self._states, self._group_to_param_list, strict=True)
+            _torch_style_state(_unflattened(state)) if state is not None else {}
+            for state in self._states
         ]
 
     def _check_override_key(self, key: str) -> None:
@@ -419,25 +420,20 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 f"{type(self).__name__}.step() got unexpected keyword argument(s) "
                 f"{sorted(kwargs)}; it takes loss, params, override and grad_callback."
             )
-        for i, (group, grads, indices) in enumerate(
-            zip(self.param_groups, grouped_grads, self._group_to_param_list, strict=True)
-        ):
+        for i, (group, grads) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
             if all(g is None for g in grads):
                 continue
-            rule, state = self._current_rule(i, group, indices)
+            rule, state = self._current_rule(i, group)
             if self._track_higher_grads and _flat_step_applies(rule, group["params"], grads):
-                flat = _as_flat_state(state, indices, group["params"])
+                flat = _as_flat_state(state, group["params"])
                 if flat is not None or state is None:
                     group["params"] = self._flat_step(i, rule, flat, group["params"], grads)
                     continue
-            params = dict(zip(indices, group["params"], strict=True))
-            state = _unflattened(state, indices)
+            params = list(group["params"])
+            state = _unflattened(state)
             if state is None:
                 state = rule.init(params)
-            new_params, self._states[i] = rule.step(
-                params, dict(zip(indices, grads, strict=True)), state
-            )
-            group["params"] = [new_params[k] for k in indices]
+            group["params"], self._states[i] = rule.step(params, list(grads), state)
 
     def _flat_step(
         self,
@@ -465,7 +461,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._states[i] = _FlatState(new_state, new_flat, views)
         return list(views)
 
-    def _current_rule(self, i: int, group: Mapping[str, Any], indices: list[int]) -> Any:
+    def _current_rule(self, i: int, group: Mapping[str, Any]) -> Any:
         """Group ``i``'s rule and state, rebuilt if its hyperparameters changed."""
         built, state = self._rule_options[i], self._states[i]
         if all(group.get(k) is v for k, v in built.items()):
@@ -473,8 +469,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         options = self._options(group)
         rule = self._factory(**options)
         if state is not None and _fields(rule) != _fields(self._rules[i]):
-            params = dict(zip(indices, group["params"], strict=True))
-            state = _refit_state(_unflattened(state, indices), rule.init(params))
+            state = _refit_state(_unflattened(state), rule.init(list(group["params"])))
         self._rules[i], self._rule_options[i], self._states[i] = rule, options, state
         return rule, state
 
@@ -1112,6 +1107,17 @@ def _fields(rule: Any) -> tuple[str, ...] | None:
     return None if spec is None else spec.fields(rule.hyperparameters)
 
 
+def _positional(state: Any, indices: list[int]) -> Any:
+    """A state keyed by parameter index as one in group order (a list per field)."""
+    return state._replace(
+        **{
+            f: [getattr(state, f)[k] for k in indices]
+            for f in state._fields
+            if getattr(state, f) is not None
+        }
+    )
+
+
 def _refit_state(state: Any, fresh: Any) -> Any:
     """``state`` with the fields it lacks (e.g. a momentum buffer after momentum became
     non-zero) taken from ``fresh``.  Fields it has keep their values, used or not: like
@@ -1148,7 +1154,7 @@ class _FlatState(NamedTuple):
     views: tuple[Tensor, ...] | None
 
 
-def _as_flat_state(state: Any, indices: list[int], params: list[Tensor]) -> _FlatState | None:
+def _as_flat_state(state: Any, params: list[Tensor]) -> _FlatState | None:
     """``state`` as a flat state, or ``None`` when it is missing or cannot be flattened.
 
     A per-parameter state flattens when its fields are either shaped like the parameters
@@ -1165,7 +1171,7 @@ def _as_flat_state(state: Any, indices: list[int], params: list[Tensor]) -> _Fla
         column = getattr(state, field)
         if column is None:
             continue
-        tensors = [column[k] for k in indices]
+        tensors = column
         first = tensors[0]
         if all(
             t.shape == p.shape and t.dtype == first.dtype and t.device == first.device
@@ -1214,22 +1220,22 @@ def _shaped(chunk: Tensor, shape: torch.Size) -> Tensor:
     return chunk if chunk.shape == shape else chunk.view(shape)
 
 
-def _unflattened(state: Any, indices: list[int]) -> Any:
-    """A group's state per parameter (``{index: tensor}`` columns), from a flat one."""
+def _unflattened(state: Any) -> Any:
+    """A group's state per parameter (a list per field, in group order), from a flat one."""
     if not isinstance(state, _FlatState):
         return state
     views = state.views
     assert views is not None, "a stored flat state always has its views"
     sizes = [v.numel() for v in views]
 
-    def column(field: dict[str, Tensor] | None) -> dict[int, Tensor] | None:
+    def column(field: dict[str, Tensor] | None) -> list[Tensor] | None:
         if field is None:
             return None
         flat = field["flat"]
         if flat.dim() == 0:  # a per-parameter scalar (the step count): the same for all
-            return dict.fromkeys(indices, flat)
+            return [flat] * len(views)
         chunks = flat.split(sizes)
-        return {k: _shaped(c, v.shape) for k, c, v in zip(indices, chunks, views, strict=True)}
+        return [_shaped(c, v.shape) for c, v in zip(chunks, views, strict=True)]
 
     rule_state = state.state
     return rule_state._replace(**{f: column(getattr(rule_state, f)) for f in rule_state._fields})
@@ -1243,15 +1249,15 @@ def _detached_state(state: Any) -> Any:
     return _detached(state) if state is not None else None
 
 
-def _torch_style_state(state: Any, indices: list[int]) -> dict[int, dict[str, Tensor]]:
+def _torch_style_state(state: Any) -> dict[int, dict[str, Tensor]]:
     hidden = _RULE_ONLY_FIELDS.get(type(state), frozenset())
     columns = {f: getattr(state, f) for f in state._fields if getattr(state, f) is not None}
+    steps = columns.get("step")
     view = {}
-    for position, k in enumerate(indices):
-        steps = columns.get("step")
-        if steps is not None and not bool(steps[k] != 0):
+    for position in range(len(next(iter(columns.values()), []))):
+        if steps is not None and not bool(steps[position] != 0):
             continue  # never updated: torch would have no state for it
-        view[position] = {f: column[k] for f, column in columns.items() if f not in hidden}
+        view[position] = {f: c[position] for f, c in columns.items() if f not in hidden}
     return view
 
 

@@ -8,6 +8,7 @@ hyperparameters, step-time overrides and the error messages for bad input.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -146,7 +147,9 @@ class Rule:
     def step(self, params: Any, grads: Any, state: Any, **overrides: Any) -> tuple[Any, Any]:
         """One optimizer step: ``(new_params, new_state)``.  Inputs are never modified.
 
-        Keyword arguments override numeric hyperparameters for this call only.
+        Keyword arguments override numeric hyperparameters for this call only.  State
+        fields these hyperparameters do not use pass through unchanged (as ``torch.optim``
+        keeps a momentum buffer while the momentum is 0).
         """
         hyperparameters = self._with_overrides(overrides)
         leaves, treespec = _leaves("params", params)
@@ -155,9 +158,8 @@ class Rule:
         columns = _state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
-        if _is_shared(hyperparameters) and self._can_batch(
-            [leaves[i] for i in active], grad_leaves, columns, hyperparameters
-        ):
+        shared = _is_shared(hyperparameters)
+        if shared and self._can_batch(leaves, active, grad_leaves, columns, hyperparameters):
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
@@ -170,7 +172,11 @@ class Rule:
                 for f in fields:
                     new_columns[f][i] = s[f].items[position]
         else:
-            hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+            hps = (
+                [hyperparameters] * len(leaves)
+                if shared
+                else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+            )
             for i in active:
                 p, s = self.spec.update(
                     leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
@@ -178,21 +184,23 @@ class Rule:
                 new_params[i] = p
                 for f in fields:
                     new_columns[f][i] = s[f]
-        _check_shapes_kept(leaves, new_params, active, treespec)
-        # Fields these hyperparameters do not use pass through (torch.optim keeps them too).
-        new_state = state._replace(
-            **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
-        )
-        return optree.tree_unflatten(treespec, new_params), new_state
+        if _may_broadcast(hyperparameters):
+            _check_shapes_kept(leaves, new_params, active, treespec)
+        if new_columns:
+            state = state._replace(
+                **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
+            )
+        return optree.tree_unflatten(treespec, new_params), state
 
     @staticmethod
     def _can_batch(
-        active: list[Tensor],
+        leaves: list[Tensor],
+        active: list[int],
         grads: list[Tensor | None],
         columns: dict[str, list[Tensor]],
         hyperparameters: Hyperparameters,
     ) -> bool:
-        if torch.is_grad_enabled() and any(p.requires_grad for p in active):
+        if torch.is_grad_enabled() and any(leaves[i].requires_grad for i in active):
             return False  # the common MAML case, decided without gathering the rest
         hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
         others: list[Tensor] = [
@@ -200,7 +208,7 @@ class Rule:
             *(t for column in columns.values() for t in column),
             *(v for v in hyper_leaves if isinstance(v, Tensor)),
         ]
-        return can_batch(active, others)
+        return can_batch([leaves[i] for i in active], others)
 
     def _with_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         if not overrides:
@@ -266,6 +274,8 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
 
 
 def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
+    if type(tree) is list and all(type(t) is Tensor and not t.is_complex() for t in tree):
+        return list(tree), _list_spec(len(tree))  # a plain list of tensors: no tree walk
     leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
     if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
         return leaves, treespec
@@ -282,6 +292,11 @@ def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
                 f"real tensors. Optimize torch.view_as_real({argument}...) instead."
             )
     raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=256)
+def _list_spec(length: int) -> Any:
+    return optree.tree_structure([0] * length, none_is_leaf=True)  # type: ignore[arg-type]
 
 
 def _grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
@@ -323,6 +338,17 @@ def _state_columns(
                 f"{_mismatch(treespec, tree)} Build the state with rule.init(params)."
             ) from error
     return columns
+
+
+def _may_broadcast(hyperparameters: Hyperparameters) -> bool:
+    """Whether a hyperparameter holds a tensor with dimensions (it could grow a parameter)."""
+    for value in hyperparameters.values():
+        kind = type(value)
+        if kind is float or kind is int or kind is bool:
+            continue
+        if any(isinstance(v, Tensor) and v.dim() > 0 for v in optree.tree_leaves(value)):
+            return True
+    return False
 
 
 def _check_shapes_kept(
