@@ -371,9 +371,11 @@ def _build(
         if id(param) not in memo:
             _check_has_data(name, param, device)
             memo[id(param)] = initial(param)
-    for name, buffer in module.named_buffers():
-        _check_has_data(name, buffer, device)
-        memo[id(buffer)] = _to(buffer.detach(), device)
+    for prefix, owner in walk:
+        for key, buffer in owner._buffers.items():
+            if buffer is not None and id(buffer) not in memo:
+                _check_has_data(f"{prefix}.{key}" if prefix else key, buffer, device)
+                memo[id(buffer)] = _to(buffer.detach(), device)
     private = _copy_structure(module, memo, walk)
     try:
         layout = _Layout(module, copies=memo, walk=walk)  # the original's walk, on the copy
