@@ -27,7 +27,7 @@ import collections
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeGuard
 
 import optree
 import torch
@@ -218,11 +218,11 @@ class DifferentiableOptimizer(abc.ABC):
         if override is not None:
             self._apply_override(override)
         params = self._params_for_step(params)
-        grads: Sequence[Tensor | None]
-        grads = _gradients(loss, params, create_graph=self._track_higher_grads)
         callback = grad_callback if grad_callback is not None else self._grad_callback
+        found = self._differentiate(loss, params, callback is None)
+        grads: Sequence[Tensor | None] = found
         if callback is not None:
-            grads = _checked_callback_grads(callback(grads), len(params))
+            grads = _checked_callback_grads(callback(found), len(params))
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             group["params"] = [params[k] for k in indices]
@@ -239,6 +239,13 @@ class DifferentiableOptimizer(abc.ABC):
     @abc.abstractmethod
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
         """Write each group's new parameters into ``self.param_groups[i]['params']``."""
+
+    def _differentiate(
+        self, loss: Tensor, params: list[Tensor], exact: bool
+    ) -> tuple[Tensor | None, ...]:
+        """The gradients of ``loss`` for ``params`` (``exact``: no callback changes them)."""
+        del exact
+        return _gradients(loss, params, create_graph=self._track_higher_grads)
 
     # ------------------------------------------------------------------ overridable hooks
 
@@ -435,6 +442,25 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 state = rule.init(params)
             group["params"], self._states[i] = rule.step(params, list(grads), state)
 
+    def _differentiate(
+        self, loss: Tensor, params: list[Tensor], exact: bool
+    ) -> tuple[Tensor | None, ...]:
+        """Also the gradient of every flat group's weights whose views are still the fast
+        weights: autograd assembles it, so the step needs no concatenation."""
+        self._flat_grads: dict[int, Tensor | None] = {}
+        bases: dict[int, Tensor] = {}
+        if exact and self._track_higher_grads:
+            for i, (state, indices) in enumerate(
+                zip(self._states, self._group_to_param_list, strict=True)
+            ):
+                if _reusable(state, [params[k] for k in indices]) and state.params is not None:
+                    bases[i] = state.params
+        if not bases:
+            return _gradients(loss, params, create_graph=self._track_higher_grads)
+        grads, base_grads = _gradients_and(loss, params, list(bases.values()))
+        self._flat_grads = dict(zip(bases, base_grads, strict=True))
+        return grads
+
     def _flat_step(
         self,
         i: int,
@@ -444,15 +470,15 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         grads: list[Tensor | None],
     ) -> list[Tensor]:
         """Group ``i``'s step on one flat tensor (see :class:`_FlatState`)."""
-        if (
-            state is not None
-            and state.views is not None
-            and all(p is v for p, v in zip(params, state.views, strict=True))
-        ):
+        flat: Tensor | None = None
+        flat_grad: Tensor | None = None
+        if _reusable(state, params):
             flat = state.params  # the fast weights are still the views cut at the last step
-        else:
+            flat_grad = getattr(self, "_flat_grads", {}).pop(i, None)  # autograd assembled it
+        if flat is None:
             flat = torch.cat([_flattened(p) for p in params])
-        flat_grad = torch.cat([_flattened(g) for g in grads if g is not None])  # none is None
+        if flat_grad is None:
+            flat_grad = torch.cat([_flattened(g) for g in grads if g is not None])  # none is None
         rule_state = state.state if state is not None else rule.init({"flat": flat})
         new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
         new_flat = new["flat"]
@@ -1062,6 +1088,23 @@ def _gradients(loss: Tensor, params: list[Tensor], create_graph: bool) -> tuple[
     return tuple(grads)
 
 
+def _gradients_and(
+    loss: Tensor, params: list[Tensor], extra: list[Tensor]
+) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
+    """:func:`_gradients` (recorded) and, in the same backward pass, the gradients of
+    ``extra`` (flat weights the trainable ``params`` are views of)."""
+    if not isinstance(loss, Tensor) or not loss.requires_grad:
+        return _gradients(loss, params, create_graph=True), [None] * len(extra)
+    trainable = [k for k, p in enumerate(params) if p.requires_grad]
+    found = torch.autograd.grad(
+        loss, [*(params[k] for k in trainable), *extra], create_graph=True, allow_unused=True
+    )
+    grads: list[Tensor | None] = [None] * len(params)
+    for k, g in zip(trainable, found, strict=False):
+        grads[k] = g
+    return tuple(grads), list(found[len(trainable) :])
+
+
 def _checked_callback_grads(grads: Any, count: int) -> list[Tensor | None]:
     if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
         raise TypeError(
@@ -1209,6 +1252,16 @@ def _flat_step_applies(rule: Any, params: list[Tensor], grads: Sequence[Any]) ->
     return all(
         not isinstance(v, Mapping) and (not isinstance(v, Tensor) or v.dim() == 0)
         for v in optree.tree_leaves(rule.hyperparameters, none_is_leaf=True)
+    )
+
+
+def _reusable(state: Any, params: list[Tensor]) -> TypeGuard[_FlatState]:
+    """Whether ``params`` are still the views a flat group's last step cut."""
+    return (
+        isinstance(state, _FlatState)
+        and state.views is not None
+        and len(state.views) == len(params)
+        and all(p is v for p, v in zip(params, state.views, strict=True))
     )
 
 
