@@ -65,14 +65,7 @@ class Net(nn.Module):
         return out + self.empty.sum()
 
 
-@pytest.fixture(autouse=True)
-def _float64_scalar_state():
-    """torch keeps scalar state (``step``, ASGD's ``eta``) in the default dtype: float64 makes
-    torch's own reference exact enough to compare at rtol 1e-12."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_scalar_state")
 
 
 def make_net(seed: int = 1) -> Net:

@@ -22,14 +22,7 @@ TOL = 1e-10
 FD_TOL = 1e-7
 
 
-@pytest.fixture(autouse=True)
-def _float64_scalar_state():
-    """torch keeps scalar state (``step``, ...) in the default dtype: float64 makes torch's
-    own reference exact enough to compare at 1e-10."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_scalar_state")
 
 
 class ConvNet(nn.Module):

@@ -41,14 +41,7 @@ def second_group(case: OptimizerCase, options: dict[str, Any]) -> dict[str, Any]
     return changed
 
 
-@pytest.fixture(autouse=True)
-def _float64_scalar_state():
-    """torch.optim keeps scalar state (step, NAdam's mu_product, ASGD's eta and mu) in the
-    default dtype; float64 makes torch's own reference exact enough to compare at 1e-10."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_scalar_state")
 
 
 GROUPS = (("w", "b"), ("v", "frozen"))

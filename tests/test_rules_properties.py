@@ -45,12 +45,7 @@ def options_for(case: OptimizerCase) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({n: OPTION_STRATEGIES[n] for n in names})
 
 
-@pytest.fixture(autouse=True)
-def _float64_scalar_state():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_scalar_state")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
