@@ -374,6 +374,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             )
         self._factory = rule_factory(torch_class)
         self._option_names = _option_names(self._factory)
+        self._flat_grads: dict[int, Tensor | None] = {}  # per flat group, from _differentiate
         _check_options_supported(other, self._option_names)
         super().__init__(other, *args, **kwargs)
 
@@ -447,7 +448,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
     ) -> tuple[Tensor | None, ...]:
         """Also the gradient of every flat group's weights whose views are still the fast
         weights: autograd assembles it, so the step needs no concatenation."""
-        self._flat_grads: dict[int, Tensor | None] = {}
+        self._flat_grads = {}
         bases: dict[int, Tensor] = {}
         if exact and self._track_higher_grads:
             for i, (state, indices) in enumerate(
@@ -474,7 +475,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         flat_grad: Tensor | None = None
         if _reusable(state, params):
             flat = state.params  # the fast weights are still the views cut at the last step
-            flat_grad = getattr(self, "_flat_grads", {}).pop(i, None)  # autograd assembled it
+            flat_grad = self._flat_grads.pop(i, None)  # autograd assembled it
         if flat is None:
             flat = torch.cat([_flattened(p) for p in params])
         if flat_grad is None:
@@ -1187,7 +1188,8 @@ class _FlatState(NamedTuple):
     values are those of the per-parameter step: every element sees the same arithmetic.
     The group's new fast weights are views (``views``) of the new flat weights
     (``params``); a later step that finds them unchanged in the fmodel steps ``params``
-    directly, without concatenating again.  A state imported from ``torch.optim`` (or
+    directly, with the gradient autograd assembles for it in the same backward pass, so
+    nothing is concatenated again.  A state imported from ``torch.optim`` (or
     kept per parameter by an earlier step) is flattened at its first flat step, without
     weights to reuse (``params`` and ``views`` are ``None``).
     """
