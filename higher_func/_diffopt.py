@@ -454,7 +454,9 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             for i, (state, indices) in enumerate(
                 zip(self._states, self._group_to_param_list, strict=True)
             ):
-                if _reusable(state, [params[k] for k in indices]) and state.params is not None:
+                if not isinstance(state, _FlatState) or state.params is None:
+                    continue
+                if _reusable(state, [params[k] for k in indices]):
                     bases[i] = state.params
         if not bases:
             return _gradients(loss, params, create_graph=self._track_higher_grads)
@@ -1246,6 +1248,8 @@ def _flat_step_applies(rule: Any, params: list[Tensor], grads: Sequence[Any]) ->
     first = params[0]
     if not first.dtype.is_floating_point:
         return False
+    if not all(p.is_contiguous() for p in params):
+        return False  # e.g. channels_last weights: the views would be contiguous instead
     for t in (*params, *grads):
         if not isinstance(t, Tensor) or t.layout != torch.strided:
             return False

@@ -633,6 +633,29 @@ def test_plain_sgd_stays_per_parameter_and_matches_torch(options):
             assert_close(fmodel.fast_params, torch_step(reference, ref_opt, x, y))
 
 
+def test_channels_last_weights_stay_per_parameter_and_keep_their_memory_format():
+    def make() -> nn.Module:
+        torch.manual_seed(4)
+        conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 1)).double()
+        return conv.to(memory_format=torch.channels_last)
+
+    x = torch.randn(5, 2, 4, 4).to(memory_format=torch.channels_last)
+    y = torch.randn(5, 1)
+    reference = make()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    net = make()
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with hf.innerloop_ctx(net, torch.optim.Adam(net.parameters(), lr=0.01)) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x), y))
+            assert flat_groups(diffopt) == [False]
+            assert fmodel.fast_params[0].is_contiguous(memory_format=torch.channels_last)
+            ref_opt.zero_grad()
+            mse(reference(x), y).backward()
+            ref_opt.step()
+            assert_close(fmodel.fast_params, list(reference.parameters()))
+
+
 # --------------------------------------------------------------------------- untracked steps
 
 
