@@ -310,6 +310,25 @@ def test_init_only_option_override_is_refused() -> None:
         rule.step(params, params, rule.init(params), lr=0.1)
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["foreach", "recorded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_sgd_equals_torch_bit_for_bit(recorded: bool, dtype: torch.dtype) -> None:
+    """SGD's update is torch.optim's own op (add with alpha), so not even the last bit moves."""
+    params, grads = params_and_grads(dtype)
+    leaves = [p.clone().requires_grad_() for p in params.values()]
+    torch_opt = torch.optim.SGD(leaves, lr=0.0123, weight_decay=0.01)
+    rule = hf.optim.sgd(lr=0.0123, weight_decay=0.01)
+    if recorded:
+        params = {k: p.clone().requires_grad_() for k, p in params.items()}
+    state = rule.init(params)
+    for _ in range(3):
+        params, state = rule.step(params, grads, state)
+        for leaf, g in zip(leaves, grads.values(), strict=True):
+            leaf.grad = g.clone()
+        torch_opt.step()
+    torch.testing.assert_close(list(params.values()), leaves, rtol=0, atol=0)
+
+
 def test_implementation_flags_are_accepted_and_change_nothing() -> None:
     params, grads = params_and_grads()
     plain, _ = step_n(hf.optim.adam(lr=0.1), params, grads)
