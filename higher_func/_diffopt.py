@@ -245,7 +245,7 @@ class DifferentiableOptimizer(abc.ABC):
     ) -> tuple[Tensor | None, ...]:
         """The gradients of ``loss`` for ``params`` (``exact``: no callback changes them)."""
         del exact
-        return _gradients(loss, params, create_graph=self._track_higher_grads)
+        return _gradients(loss, params, self._track_higher_grads)[0]
 
     # ------------------------------------------------------------------ overridable hooks
 
@@ -458,9 +458,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                     continue
                 if _reusable(state, [params[k] for k in indices]):
                     bases[i] = state.params
-        if not bases:
-            return _gradients(loss, params, create_graph=self._track_higher_grads)
-        grads, base_grads = _gradients_and(loss, params, list(bases.values()))
+        grads, base_grads = _gradients(loss, params, self._track_higher_grads, list(bases.values()))
         self._flat_grads = dict(zip(bases, base_grads, strict=True))
         return grads
 
@@ -1070,39 +1068,29 @@ def _checked_schedule(schedule: Schedule | None, num_groups: int) -> dict[str, l
     return result
 
 
-def _gradients(loss: Tensor, params: list[Tensor], create_graph: bool) -> tuple[Tensor | None, ...]:
-    """``d loss / d p`` for every ``p`` requiring grad; ``None`` for the others and unused ones."""
+def _gradients(
+    loss: Tensor, params: list[Tensor], create_graph: bool, extra: Sequence[Tensor] = ()
+) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
+    """``d loss / d p`` for every ``p`` requiring grad (``None`` for the others and unused
+    ones) and, in the same backward pass, for each of ``extra`` (flat weights that the
+    trainable ``params`` are views of)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a scalar torch.Tensor, got {type(loss).__name__}.")
     trainable = [k for k, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(params)
     if not trainable:
-        return tuple(grads)
+        return tuple(grads), [None] * len(extra)
     if not loss.requires_grad:
         raise ValueError(
             "loss does not require grad: it was not computed from the trainable fast weights "
             "(was it computed under torch.no_grad(), or from detached parameters?)."
         )
     found = torch.autograd.grad(
-        loss, [params[k] for k in trainable], create_graph=create_graph, allow_unused=True
+        loss,
+        [*(params[k] for k in trainable), *extra],
+        create_graph=create_graph,
+        allow_unused=True,
     )
-    for k, g in zip(trainable, found, strict=True):
-        grads[k] = g
-    return tuple(grads)
-
-
-def _gradients_and(
-    loss: Tensor, params: list[Tensor], extra: list[Tensor]
-) -> tuple[tuple[Tensor | None, ...], list[Tensor | None]]:
-    """:func:`_gradients` (recorded) and, in the same backward pass, the gradients of
-    ``extra`` (flat weights the trainable ``params`` are views of)."""
-    if not isinstance(loss, Tensor) or not loss.requires_grad:
-        return _gradients(loss, params, create_graph=True), [None] * len(extra)
-    trainable = [k for k, p in enumerate(params) if p.requires_grad]
-    found = torch.autograd.grad(
-        loss, [*(params[k] for k in trainable), *extra], create_graph=True, allow_unused=True
-    )
-    grads: list[Tensor | None] = [None] * len(params)
     for k, g in zip(trainable, found, strict=False):
         grads[k] = g
     return tuple(grads), list(found[len(trainable) :])

@@ -19,7 +19,7 @@ import optree
 import torch
 from torch import Tensor
 
-from ._tensor_list import TensorList, can_batch
+from ._tensor_list import TensorList, can_batch, is_number
 
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
@@ -172,11 +172,7 @@ class Rule:
                 for f in fields:
                     new_columns[f][i] = s[f].items[position]
         else:
-            hps = (
-                [hyperparameters] * len(leaves)
-                if shared
-                else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
-            )
+            hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
             for i in active:
                 p, s = self.spec.update(
                     leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
@@ -470,32 +466,25 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
 
 
-def _is_number(value: Any) -> bool:
-    kind = type(value)
-    if kind is float or kind is int:  # the common case, without the slower ABC check
-        return True
-    return kind is not bool and isinstance(value, numbers.Real)
-
-
 def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
     """``x + alpha * y``: torch.optim's ``x.add_(y, alpha=alpha)``, one op when ``alpha`` is a
     number (fused multiply-add on the CPU, so the same rounding as torch.optim's in-place
     update), two when it is a tensor (a learned, differentiable hyperparameter)."""
-    if _is_number(alpha):
+    if is_number(alpha):
         return torch.add(x, y, alpha=alpha)
     return x + alpha * y
 
 
 def sub_scaled(x: Any, y: Any, alpha: Any) -> Any:
     """``x - alpha * y``, as :func:`add_scaled` (no extra negation of a tensor ``alpha``)."""
-    if _is_number(alpha):
+    if is_number(alpha):
         return torch.sub(x, y, alpha=alpha)
     return x - alpha * y
 
 
 def add_product(x: Any, a: Any, b: Any, value: Any) -> Any:
     """``x + value * a * b``: torch.optim's ``addcmul_``, one op when ``value`` is a number."""
-    if _is_number(value):
+    if is_number(value):
         return torch.addcmul(x, a, b, value=value)
     return x + value * a * b
 
@@ -503,7 +492,7 @@ def add_product(x: Any, a: Any, b: Any, value: Any) -> Any:
 def sub_ratio(x: Any, a: Any, b: Any, value: Any) -> Any:
     """``x - value * (a / b)``: torch.optim's ``x.addcdiv_(a, b, value=-value)``, one op when
     ``value`` is a number."""
-    if _is_number(value):
+    if is_number(value):
         return torch.addcdiv(x, a, b, value=-value)
     return x - value * (a / b)
 
@@ -558,7 +547,7 @@ def numbers_in(value: Any) -> Iterable[float]:
     """
     values = value.values() if _is_mapping(value) else [value]
     for item in values:
-        if _is_number(item):
+        if is_number(item):
             yield float(item)
         elif (
             isinstance(item, Tensor)

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TensorList", "can_batch"]
+__all__ = ["TensorList", "can_batch", "is_number"]
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real Python number (not a bool): a scalar operand of the ops."""
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the slower ABC check
+        return True
+    return kind is not bool and isinstance(value, numbers.Real)
 
 
 def can_batch(tensors: Sequence[Tensor], others: Sequence[Tensor] = ()) -> bool:
@@ -133,7 +141,7 @@ def _operand(value: Any, count: int) -> Any:
     """The foreach form of an operand: a list, a Python scalar, or NotImplemented."""
     if isinstance(value, TensorList):
         return value.items
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if is_number(value):
         return value
     if isinstance(value, Tensor) and value.dim() == 0:
         # A shared (possibly learned) 0-d tensor: the list overload differentiates to it.
@@ -180,7 +188,7 @@ def _scaled(foreach_op: Callable[..., Any]) -> Callable[..., Any]:
     def apply(left: Any, right: Any, *, alpha: Any = 1) -> Any:
         if not (isinstance(left, TensorList) and isinstance(right, TensorList)):
             return NotImplemented
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        if not is_number(alpha):
             return NotImplemented
         return TensorList(foreach_op(left.items, right.items, alpha=alpha))
 
@@ -194,7 +202,7 @@ def _pointwise(foreach_op: Callable[..., Any]) -> Callable[..., Any]:
         lists = (start, first, second)
         if not all(isinstance(t, TensorList) for t in lists):
             return NotImplemented
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        if not is_number(value):
             return NotImplemented
         return TensorList(foreach_op(start.items, first.items, second.items, value=value))
 
