@@ -372,7 +372,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 f"{type(other).__name__}. Use higher_func.get_diff_optim(opt, ...), which "
                 f"picks the right class."
             )
-        self._factory = rule_factory(torch_class)
+        self._factory = rule_factory(torch_class, arithmetic="higher")
         self._option_names = _option_names(self._factory)
         self._flat_grads: dict[int, Tensor | None] = {}  # per flat group, from _differentiate
         _check_options_supported(other, self._option_names)

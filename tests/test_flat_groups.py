@@ -179,7 +179,7 @@ def rule_reference(
     per_group = group_options(case, options)
     if lr is not None:
         per_group = [{**o, "lr": lr} for o in per_group]
-    rules = [case.factory(**o) for o in per_group]
+    rules = [case.factory(**o, arithmetic="higher") for o in per_group]  # the drop-in's
     phi = dict(theta)
     states = [rule.init({n: phi[n] for n in g}) for rule, g in zip(rules, names, strict=True)]
     for t, (x, y) in enumerate(data):
@@ -607,7 +607,10 @@ def test_groups_that_do_not_qualify_stay_per_parameter_and_match(case, options, 
             expected = torch_step(reference, ref_opt, x, y)
             for a, e in zip(new, expected, strict=True):
                 assert a.dtype == e.dtype
-                exact = e.dtype == torch.float64
+                # A float32 layer downstream turns last-bit differences of the float64
+                # weights (the drop-in runs higher's two-op forms, torch.optim fused ops)
+                # into float32-sized ones: only an all-float64 net compares at 1e-12.
+                exact = e.dtype == torch.float64 and layout is not mixed_dtypes
                 torch.testing.assert_close(
                     a.detach(), e, rtol=RTOL if exact else 1e-5, atol=ATOL if exact else 1e-6
                 )

@@ -51,12 +51,20 @@ def test_empty_params(case: OptimizerCase) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_dtype_is_preserved(case: OptimizerCase, dtype: torch.dtype) -> None:
-    params, grads = params_and_grads(dtype)
+    """Parameters and per-element state keep the parameter's dtype; scalar state (step
+    counts, NAdam's mu_product, ASGD's eta and mu) is float32 under the default float32
+    dtype, as torch.optim keeps it (a bfloat16 step counter would stall at 256), and float64
+    for float64 parameters."""
+    params, grads = params_and_grads(torch.float32)
+    params = {k: p.to(dtype) for k, p in params.items()}
+    grads = {k: g.to(dtype) for k, g in grads.items()}
     new_params, state = step_n(case.factory(**case.option_sets[-1]), params, grads)
-    for leaf in [*new_params.values(), *optree.tree_leaves(state)]:
-        assert leaf.dtype == dtype
+    assert all(p.dtype == dtype for p in new_params.values())
+    for leaf in optree.tree_leaves(state):
+        scalar = torch.float64 if dtype == torch.float64 else torch.float32
+        assert leaf.dtype == (dtype if leaf.dim() else scalar)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -7,17 +7,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (
-    Hyperparameters,
-    RuleSpec,
-    check,
-    check_nonnegative,
-    check_type,
-    is_zero,
-    new_step,
-    numbers_in,
-    safe_sqrt,
-)
+from ._checks import check, check_nonnegative, check_type, numbers_in
+from ._core import Hyperparameters, RuleSpec
+from ._math import arithmetic, is_zero, new_step, safe_sqrt, step_value
 
 
 def prepare_grad(param: Tensor, grad: Tensor, hp: Hyperparameters) -> Tensor:
@@ -25,7 +17,7 @@ def prepare_grad(param: Tensor, grad: Tensor, hp: Hyperparameters) -> Tensor:
     if hp["maximize"]:
         grad = -grad
     if not is_zero(hp["weight_decay"]):
-        grad = grad + hp["weight_decay"] * param
+        grad = arithmetic(hp).add_scaled(grad, param, hp["weight_decay"])
     return grad
 
 
@@ -53,12 +45,12 @@ def _adagrad_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _adagrad_update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    step = state["step"] + 1
+    ops, step = arithmetic(hp), state["step"] + 1
     grad = prepare_grad(param, grad, hp)
-    lr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
-    total = state["sum"] + grad * grad
+    lr = hp["lr"] / (1 + (step_value(step) - 1) * hp["lr_decay"])
+    total = ops.add_product(state["sum"], grad, grad, 1)
     std = safe_sqrt(total) + hp["eps"]
-    return param - lr * (grad / std), {"step": step, "sum": total}
+    return ops.sub_ratio(param, grad, std, lr), {"step": step, "sum": total}
 
 
 def _adagrad_validate(hp: Hyperparameters) -> None:
@@ -88,6 +80,7 @@ ADAGRAD = RuleSpec(
     validate=_adagrad_validate,
     init_only=frozenset({"initial_accumulator_value"}),
     elementwise=True,
+    sparse_grads=True,
 )
 
 
@@ -114,14 +107,14 @@ def _adadelta_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _adadelta_update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    rho, eps = hp["rho"], hp["eps"]
+    ops, rho, eps = arithmetic(hp), hp["rho"], hp["eps"]
     grad = prepare_grad(param, grad, hp)
-    square_avg = rho * state["square_avg"] + (1 - rho) * grad * grad
+    square_avg = ops.add_product(state["square_avg"] * rho, grad, grad, 1 - rho)
     std = safe_sqrt(square_avg + eps)
     delta = safe_sqrt(state["acc_delta"] + eps) / std * grad
-    acc_delta = rho * state["acc_delta"] + (1 - rho) * delta * delta
+    acc_delta = ops.add_product(state["acc_delta"] * rho, delta, delta, 1 - rho)
     new_state = {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
-    return param - hp["lr"] * delta, new_state
+    return ops.sub_scaled(param, delta, hp["lr"]), new_state
 
 
 def _adadelta_validate(hp: Hyperparameters) -> None:

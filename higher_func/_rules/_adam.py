@@ -7,20 +7,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (
-    Hyperparameters,
-    RuleSpec,
-    add_product,
-    add_scaled,
-    check_betas,
-    check_nonnegative,
-    check_type,
-    is_zero,
-    new_step,
-    safe_sqrt,
-    step_value,
-    sub_ratio,
-)
+from ._checks import check_betas, check_nonnegative, check_type
+from ._core import Hyperparameters, RuleSpec
+from ._math import arithmetic, is_zero, new_step, safe_sqrt, step_value
 
 
 class AdamState(NamedTuple):
@@ -64,28 +53,33 @@ def apply_weight_decay(param: Tensor, grad: Tensor, hp: Hyperparameters) -> tupl
         return param, grad
     if hp["decoupled_weight_decay"]:
         return param * (1 - hp["lr"] * weight_decay), grad
-    return param, add_scaled(grad, param, weight_decay)
+    return param, arithmetic(hp).add_scaled(grad, param, weight_decay)
+
+
+def second_moment(exp_avg_sq: Tensor, grad: Tensor, beta2: Any, hp: Hyperparameters) -> Tensor:
+    """``beta2 * v + (1 - beta2) * g * g``, as torch.optim's ``v.mul_(beta2).addcmul_(...)``."""
+    return arithmetic(hp).add_product(exp_avg_sq * beta2, grad, grad, 1 - beta2)
 
 
 def _update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    lr, (beta1, beta2) = hp["lr"], hp["betas"]
+    ops, lr, (beta1, beta2) = arithmetic(hp), hp["lr"], hp["betas"]
     if hp["maximize"]:
         grad = -grad
     param, grad = apply_weight_decay(param, grad, hp)
     step = state["step"] + 1
-    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = add_product(beta2 * state["exp_avg_sq"], grad, grad, 1 - beta2)
+    exp_avg = ops.average(state["exp_avg"], grad, beta1)
+    exp_avg_sq = second_moment(state["exp_avg_sq"], grad, beta2, hp)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    second_moment = exp_avg_sq
+    normalizer = exp_avg_sq
     if hp["amsgrad"]:
-        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-        new_state["max_exp_avg_sq"] = second_moment
+        normalizer = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = normalizer
     t = step_value(step)
     step_size = lr / (1 - beta1**t)
-    denom = safe_sqrt(second_moment) / (1 - beta2**t) ** 0.5 + hp["eps"]
-    return sub_ratio(param, exp_avg, denom, step_size), new_state
+    denom = safe_sqrt(normalizer) / (1 - beta2**t) ** 0.5 + hp["eps"]
+    return ops.sub_ratio(param, exp_avg, denom, step_size), new_state
 
 
 def validate_adam_family(hp: Hyperparameters) -> None:

@@ -8,15 +8,17 @@ import torch
 from torch import Tensor
 
 from ._adagrad import prepare_grad
-from ._adam import apply_weight_decay, validate_adam_family
-from ._core import (
-    Hyperparameters,
-    RuleSpec,
-    check_nonnegative,
-    check_type,
+from ._adam import apply_weight_decay, second_moment, validate_adam_family
+from ._checks import check_nonnegative, check_type
+from ._core import Hyperparameters, RuleSpec
+from ._math import (
+    arithmetic,
+    in_dtype_of,
+    new_scalar,
     new_step,
     safe_sqrt,
     step_value,
+    where,
 )
 
 
@@ -30,9 +32,8 @@ def _moments_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 
 def _moments(grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters) -> tuple[Tensor, Tensor]:
     beta1, beta2 = hp["betas"]
-    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
-    return exp_avg, exp_avg_sq
+    exp_avg = arithmetic(hp).average(state["exp_avg"], grad, beta1)
+    return exp_avg, second_moment(state["exp_avg_sq"], grad, beta2, hp)
 
 
 def _maximized(grad: Tensor, hp: Hyperparameters) -> Tensor:
@@ -65,14 +66,14 @@ def _adamax_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _adamax_update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    beta1, beta2 = hp["betas"]
+    ops, (beta1, beta2) = arithmetic(hp), hp["betas"]
     grad = prepare_grad(param, grad, hp)
     step = state["step"] + 1
-    exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    exp_inf = torch.maximum(beta2 * state["exp_inf"], torch.abs(grad) + hp["eps"])
+    exp_avg = ops.average(state["exp_avg"], grad, beta1)
+    exp_inf = torch.maximum(state["exp_inf"] * beta2, torch.abs(grad) + hp["eps"])
     step_size = hp["lr"] / (1 - beta1 ** step_value(step))
     new_state = {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
-    return param - step_size * (exp_avg / exp_inf), new_state
+    return ops.sub_ratio(param, exp_avg, exp_inf, step_size), new_state
 
 
 ADAMAX = RuleSpec(
@@ -115,23 +116,25 @@ class NAdamState(NamedTuple):
 
 def _nadam_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
     state = _moments_init(param, hp)
-    state["mu_product"] = torch.ones_like(state["step"])
+    state["mu_product"] = new_scalar(param, 1.0)
     return state
 
 
 def _nadam_update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    lr, (beta1, beta2), decay = hp["lr"], hp["betas"], hp["momentum_decay"]
+    ops, lr, (beta1, beta2), decay = arithmetic(hp), hp["lr"], hp["betas"], hp["momentum_decay"]
     step = state["step"] + 1
+    t = step_value(step)
     param, grad = apply_weight_decay(param, _maximized(grad, hp), hp)
-    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * decay))
-    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * decay))
-    mu_product = state["mu_product"] * mu
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * decay))
+    mu_product = state["mu_product"] * in_dtype_of(mu, state["mu_product"])
+    product = step_value(mu_product)
     exp_avg, exp_avg_sq = _moments(grad, state, hp)
-    denom = safe_sqrt(exp_avg_sq / (1 - beta2**step)) + hp["eps"]
-    param = param + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (grad / denom)
-    param = param + (-lr * mu_next / (1.0 - mu_product * mu_next)) * (exp_avg / denom)
+    denom = safe_sqrt(exp_avg_sq / (1 - beta2**t)) + hp["eps"]
+    param = ops.sub_ratio(param, grad, denom, lr * (1.0 - mu) / (1.0 - product))
+    param = ops.sub_ratio(param, exp_avg, denom, lr * mu_next / (1.0 - product * mu_next))
     new_state = {
         "step": step,
         "mu_product": mu_product,
@@ -191,21 +194,23 @@ def _radam_update(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     lr, (beta1, beta2) = hp["lr"], hp["betas"]
     step = state["step"] + 1
+    t = step_value(step)
     param, grad = apply_weight_decay(param, _maximized(grad, hp), hp)
     exp_avg, exp_avg_sq = _moments(grad, state, hp)
-    bias_correction2 = 1 - beta2**step
-    corrected_exp_avg = exp_avg / (1 - beta1**step)
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    bias_correction2 = 1 - beta2**t
+    momentum_step = exp_avg / (1 - beta1**t) * lr
     rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rho_t = rho_inf - 2 * t * (beta2**t) / bias_correction2
     rectify = rho_t > 5.0
+    if rectify is False:  # a read step count: Python decides, as in torch
+        return param - momentum_step, new_state
     # The variance is tractable only when rho_t > 5; elsewhere the square root's argument
     # may be negative, so it is replaced by 1 before (not after) the root: no nan gradient.
     ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
-    rect = torch.sqrt(torch.where(rectify, ratio, torch.ones_like(ratio)))
-    adaptive_lr = torch.sqrt(bias_correction2) / (safe_sqrt(exp_avg_sq) + hp["eps"])
-    rectified = corrected_exp_avg * lr * adaptive_lr * rect
-    update = torch.where(rectify, rectified, corrected_exp_avg * lr)
-    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    rect = ratio**0.5 if rectify is True else torch.sqrt(where(rectify, ratio, 1.0))
+    adaptive_lr = bias_correction2**0.5 / (safe_sqrt(exp_avg_sq) + hp["eps"])
+    update = where(rectify, momentum_step * adaptive_lr * rect, momentum_step)
     return param - update, new_state
 
 

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from ._adagrad import prepare_grad
-from ._core import Hyperparameters, RuleSpec, check_nonnegative, check_type, new_step
+from ._checks import check_nonnegative, check_type
+from ._core import Hyperparameters, RuleSpec
+from ._math import arithmetic, in_dtype_of, new_scalar, new_step, step_value, where
 
 
 class ASGDState(NamedTuple):
@@ -28,11 +30,10 @@ class ASGDState(NamedTuple):
 
 
 def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
-    step = new_step(param)
     return {
-        "step": step,
-        "eta": torch.ones_like(step) * hp["lr"],
-        "mu": torch.ones_like(step),
+        "step": new_step(param),
+        "eta": new_scalar(param, hp["lr"]),
+        "mu": new_scalar(param, 1.0),
         "ax": torch.zeros_like(param),
     }
 
@@ -40,20 +41,33 @@ def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    lr, lambd, eta, mu = hp["lr"], hp["lambd"], state["eta"], state["mu"]
+    lr, lambd, mu = hp["lr"], hp["lambd"], state["mu"]
     step = state["step"] + 1
     grad = prepare_grad(param, grad, hp)
-    param = param * (1 - lambd * eta) - eta * grad
+    eta = step_value(state["eta"])
+    param = arithmetic(hp).sub_scaled(param * (1 - lambd * eta), grad, eta)
     # The average is taken of the *updated* parameter (higher averaged the old one).
     ax = state["ax"]
-    ax = torch.where(mu == 1, param, ax + (param - ax) * mu)
+    ax = where(step_value(mu) == 1, param, ax + (param - ax) * mu)
+    # eta and mu are kept in torch's scalar dtype (float32 under a float32 default dtype).
+    t = step_value(step)
+    new_mu = 1 / max(1.0, t - hp["t0"]) if isinstance(t, float) else 1 / torch.clamp(
+        step - hp["t0"], min=1
+    )
     new_state = {
         "step": step,
-        "eta": lr / ((1 + lambd * lr * step) ** hp["alpha"]),
-        "mu": 1 / torch.clamp(step - hp["t0"], min=1),
+        "eta": _like(state["eta"], lr / ((1 + lambd * lr * t) ** hp["alpha"])),
+        "mu": _like(mu, new_mu),
         "ax": ax,
     }
     return param, new_state
+
+
+def _like(scalar_state: Any, value: Any) -> Any:
+    """``value`` as a tensor of ``scalar_state``'s dtype (a tensor keeps its graph)."""
+    if isinstance(value, float):
+        return torch.full_like(scalar_state, value)
+    return in_dtype_of(value, scalar_state)
 
 
 def _validate(hp: Hyperparameters) -> None:

@@ -9,9 +9,7 @@ hyperparameters, step-time overrides and the error messages for bad input.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +17,9 @@ import optree
 import torch
 from torch import Tensor
 
-from ._tensor_list import TensorList, can_batch, is_number
+from ._checks import check_grad, check_hyperparameter_types
+from ._math import ARITHMETIC_KEY, ARITHMETICS, TORCH, safe_sqrt
+from ._tensor_list import TensorList, can_batch
 
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
@@ -59,6 +59,8 @@ class RuleSpec:
         elementwise: the update treats every element on its own (only 0-d state, such as a
             step count, is shared within a parameter), so the differentiable optimizers may
             step a whole parameter group as one flat tensor while autograd records.
+        sparse_grads: a sparse gradient is accepted (stepped as the equal dense one), as
+            the ``torch.optim`` counterpart accepts it (SGD, Adagrad); else it is refused.
 
     Example (sign-SGD as a custom rule, built with :func:`higher_func.optim.make_rule`):
         >>> import torch, higher_func as hf
@@ -88,6 +90,7 @@ class RuleSpec:
     init_only: frozenset[str] = frozenset()
     import_state: Callable[[Mapping[str, Any], dict[str, Tensor]], dict[str, Tensor]] | None = None
     elementwise: bool = False
+    sparse_grads: bool = False
 
 
 class Rule:
@@ -105,6 +108,9 @@ class Rule:
     per-parameter values broadcastable to each parameter.  ``step(..., lr=t)`` overrides
     a hyperparameter for that call only.
 
+    ``arithmetic`` is ``"torch"`` (torch.optim's fused ops; the default) or ``"higher"``
+    (higher's two-op forms, what the drop-in optimizers use); see :mod:`higher_func.optim`.
+
     Rules are built by the factories in :mod:`higher_func.optim` (``sgd``, ``adam``, ...),
     never directly.
 
@@ -117,11 +123,14 @@ class Rule:
         (True, tensor([0.5000, 0.5000]), tensor([1., 1.]))
     """
 
-    __slots__ = ("hyperparameters", "spec")
+    __slots__ = ("arithmetic", "hyperparameters", "spec")
 
-    def __init__(self, spec: RuleSpec, hyperparameters: Hyperparameters) -> None:
+    def __init__(
+        self, spec: RuleSpec, hyperparameters: Hyperparameters, arithmetic: str = TORCH
+    ) -> None:
         self.spec = spec
         self.hyperparameters: dict[str, Any] = dict(hyperparameters)
+        self.arithmetic = arithmetic
 
     @property
     def name(self) -> str:
@@ -129,12 +138,16 @@ class Rule:
         return self.spec.name
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={_short(v)}" for k, v in self.hyperparameters.items())
-        return f"{self.name}({options})"
+        options = [f"{k}={_short(v)}" for k, v in self.hyperparameters.items()]
+        if self.arithmetic != TORCH:
+            options.append(f"arithmetic={self.arithmetic!r}")
+        return f"{self.name}({', '.join(options)})"
 
     def replace(self, **hyperparameters: Any) -> Rule:
-        """A new rule with some hyperparameters changed (validated like the factory)."""
-        return build_rule(self.spec, {**self.hyperparameters, **hyperparameters})
+        """A new rule with some hyperparameters (or ``arithmetic``) changed, validated like
+        the factory."""
+        options = {"arithmetic": self.arithmetic, **self.hyperparameters, **hyperparameters}
+        return build_rule(self.spec, options)
 
     def init(self, params: Any) -> Any:
         """The initial state for ``params``: a ``NamedTuple`` of pytrees shaped like ``params``."""
@@ -152,8 +165,11 @@ class Rule:
         keeps a momentum buffer while the momentum is 0).
         """
         hyperparameters = self._with_overrides(overrides)
+        if self.arithmetic != TORCH:
+            hyperparameters = {**hyperparameters, ARITHMETIC_KEY: self.arithmetic}
         leaves, treespec = _leaves("params", params)
         grad_leaves = _grads_like(grads, treespec)
+        self._check_grads(leaves, grad_leaves, treespec)
         fields = self.spec.fields(hyperparameters)
         columns = _state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
@@ -187,6 +203,18 @@ class Rule:
                 **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
             )
         return optree.tree_unflatten(treespec, new_params), state
+
+    def _check_grads(
+        self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any
+    ) -> None:
+        """Each gradient shaped and typed like its parameter (sparse ones densified where
+        the rule accepts them); the paths are formatted only for an error."""
+        sparse = self.spec.sparse_grads
+        for i, (p, g) in enumerate(zip(leaves, grads, strict=True)):
+            if g is not None and (
+                g.shape != p.shape or g.dtype != p.dtype or g.layout is not torch.strided
+            ):
+                grads[i] = check_grad(self.name, _path_of(treespec, i), p, g, sparse)
 
     @staticmethod
     def _can_batch(
@@ -226,6 +254,9 @@ class Rule:
                     f"state's structure. Build a new rule instead: "
                     f"{self.name}(..., {key}={overrides[key]!r})."
                 )
+        check_hyperparameter_types(
+            f"{self.name}.step", {k: self.spec.defaults[k] for k in overrides}, overrides
+        )
         # Plain numbers are checked; tensor values are not read per step (see numbers_in).
         numeric = {k: v for k, v in overrides.items() if not _holds_tensor(v)}
         self.spec.validate({**self.hyperparameters, **numeric})
@@ -252,18 +283,25 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
         >>> rule.name, new_params["w"]
         ('sign_sgd', tensor([0.5000, 1.5000]))
     """
-    unknown = set(options) - set(spec.defaults) - IMPLEMENTATION_FLAGS
+    unknown = set(options) - set(spec.defaults) - IMPLEMENTATION_FLAGS - {"arithmetic"}
     if unknown:
         raise TypeError(
             f"{spec.name}() got unknown option(s) {sorted(unknown)}; "
             f"valid options are {sorted(spec.defaults)}."
         )
+    arithmetic = options.get("arithmetic", TORCH)
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(
+            f"{spec.name}(): arithmetic must be one of {list(ARITHMETICS)}, got {arithmetic!r}. "
+            f"'torch' runs torch.optim's fused ops, 'higher' higher 0.2.1's two-op forms."
+        )
     hyperparameters = {k: options.get(k, v) for k, v in spec.defaults.items()}
     for key in spec.static:
         if isinstance(hyperparameters[key], Mapping):
             raise TypeError(f"{spec.name}(): {key!r} cannot be given per parameter.")
+    check_hyperparameter_types(spec.name, spec.defaults, hyperparameters)
     spec.validate(hyperparameters)
-    return Rule(spec, hyperparameters)
+    return Rule(spec, hyperparameters, arithmetic)
 
 
 # --------------------------------------------------------------------------- pytrees
@@ -272,6 +310,12 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
 def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
     if type(tree) is list and all(type(t) is Tensor and not t.is_complex() for t in tree):
         return list(tree), _list_spec(len(tree))  # a plain list of tensors: no tree walk
+    if isinstance(tree, Iterator):
+        raise TypeError(
+            f"{argument} must be a dict name -> tensor (or a list or tuple of tensors), got a "
+            f"{type(tree).__name__}, which can be read only once. Materialize it: "
+            f"{argument} = dict(model.named_parameters()) or list(model.parameters())."
+        )
     leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
     if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
         return leaves, treespec
@@ -347,12 +391,17 @@ def _may_broadcast(hyperparameters: Hyperparameters) -> bool:
     return False
 
 
+def _path_of(treespec: Any, index: int) -> str:
+    """``['name']`` for the ``index``-th leaf (for error messages only: it walks the tree)."""
+    return _format_path(treespec.paths()[index]) if treespec.num_leaves else ""
+
+
 def _check_shapes_kept(
     old: list[Tensor], new: list[Tensor], active: list[int], treespec: Any
 ) -> None:
     for i in active:
         if new[i].shape != old[i].shape:
-            path = _format_path(treespec.paths()[i]) if treespec.num_leaves else ""
+            path = _path_of(treespec, i)
             raise ValueError(
                 f"the step changed the shape of params{path} from {tuple(old[i].shape)} to "
                 f"{tuple(new[i].shape)}: a hyperparameter tensor was broadcast against it. "
@@ -420,9 +469,23 @@ def _mismatch(treespec: Any, other: Any) -> str:
         expected = set(optree.tree_unflatten(treespec, [0] * treespec.num_leaves))
         missing = sorted(map(str, expected - set(other)))
         unexpected = sorted(map(str, set(other) - expected))
-        return f"Missing key(s): {missing}. Unexpected key(s): {unexpected}."
-    got = optree.tree_structure(other, none_is_leaf=True)
-    return f"Expected structure {treespec}, got {got}."
+        if missing or unexpected:
+            return f"Missing key(s): {missing}. Unexpected key(s): {unexpected}."
+    expected_tree = optree.tree_unflatten(treespec, [0] * treespec.num_leaves)
+    return f"Expected {_describe_tree(expected_tree)}, got {_describe_tree(other)}."
+
+
+def _describe_tree(tree: Any) -> str:
+    """A short, readable account of a pytree's top level (never a raw PyTreeSpec)."""
+    if isinstance(tree, Mapping):
+        keys = sorted(map(str, tree))
+        shown = keys if len(keys) <= 8 else [*keys[:8], "..."]
+        return f"a dict with {len(keys)} key(s) {shown}"
+    if isinstance(tree, list | tuple):
+        return f"a {type(tree).__name__} of {len(tree)} item(s)"
+    if isinstance(tree, Tensor):
+        return "a single tensor"
+    return f"a {type(tree).__name__}"
 
 
 def _short(value: Any) -> str:
@@ -431,155 +494,3 @@ def _short(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{per-parameter}"
     return repr(value)
-
-
-# --------------------------------------------------------------------------- math helpers
-
-
-def safe_sqrt(x: Any) -> Any:
-    """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of infinity.
-
-    ``torch.sqrt`` has an infinite derivative at 0; through an optimizer step that
-    becomes ``inf * 0 = nan`` for a parameter whose gradient (hence second moment) is
-    exactly zero.  The value is unchanged everywhere, the derivative too for ``x > 0``,
-    and negative inputs still give ``nan`` as in ``torch.sqrt``.  No hooks are involved,
-    so it holds to every order, under ``vmap`` and under ``torch.compile``.
-
-    Example:
-        >>> import torch
-        >>> from higher_func.optim import safe_sqrt
-        >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
-        >>> torch.autograd.grad(safe_sqrt(x).sum(), x)[0]
-        tensor([0.0000, 0.2500])
-    """
-    if isinstance(x, TensorList):
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in x.items)):
-            return TensorList(torch._foreach_sqrt(x.items))  # no derivative wanted
-        return TensorList([_safe_sqrt(t) for t in x.items])
-    return _safe_sqrt(x)
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    if not _is_traced(x) and not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.sqrt(x)  # nothing records a derivative (functorch wrappers may not say)
-    zero = x == 0
-    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
-
-
-def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
-    """``x + alpha * y``: torch.optim's ``x.add_(y, alpha=alpha)``, one op when ``alpha`` is a
-    number (fused multiply-add on the CPU, so the same rounding as torch.optim's in-place
-    update), two when it is a tensor (a learned, differentiable hyperparameter)."""
-    if is_number(alpha):
-        return torch.add(x, y, alpha=alpha)
-    return x + alpha * y
-
-
-def sub_scaled(x: Any, y: Any, alpha: Any) -> Any:
-    """``x - alpha * y``, as :func:`add_scaled` (no extra negation of a tensor ``alpha``)."""
-    if is_number(alpha):
-        return torch.sub(x, y, alpha=alpha)
-    return x - alpha * y
-
-
-def add_product(x: Any, a: Any, b: Any, value: Any) -> Any:
-    """``x + value * a * b``: torch.optim's ``addcmul_``, one op when ``value`` is a number."""
-    if is_number(value):
-        return torch.addcmul(x, a, b, value=value)
-    return x + value * a * b
-
-
-def sub_ratio(x: Any, a: Any, b: Any, value: Any) -> Any:
-    """``x - value * (a / b)``: torch.optim's ``x.addcdiv_(a, b, value=-value)``, one op when
-    ``value`` is a number."""
-    if is_number(value):
-        return torch.addcdiv(x, a, b, value=-value)
-    return x - value * (a / b)
-
-
-def step_value(step: Any) -> Any:
-    """The step count as a Python float where reading it is free, else the tensor itself.
-
-    Bias corrections such as ``1 - beta1 ** t`` then cost Python arithmetic instead of
-    several tiny tensor ops per parameter, with the same double-precision result that
-    ``torch.optim`` computes.  Accelerator tensors (reading them would synchronise),
-    tensors inside ``vmap``/``torch.compile`` and tensor lists stay tensors.
-    """
-    if isinstance(step, Tensor) and step.device.type == "cpu" and not _is_traced(step):
-        return step.item()
-    return step
-
-
-def is_zero(value: Any) -> bool:
-    """Whether a hyperparameter is the number 0 (tensors never count: they may be learned)."""
-    kind = type(value)
-    if kind is float or kind is int:  # the common case, without the slower ABC check
-        return value == 0
-    return isinstance(value, numbers.Number) and value == 0
-
-
-def new_step(param: Tensor) -> Tensor:
-    """A fresh per-parameter step counter: a 0-d tensor of the parameter's dtype."""
-    return torch.zeros((), dtype=_real_dtype(param), device=param.device)
-
-
-def _real_dtype(param: Tensor) -> torch.dtype:
-    return param.dtype if param.dtype.is_floating_point else torch.get_default_dtype()
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check(condition: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``condition``."""
-    if not condition:
-        raise ValueError(message)
-
-
-def numbers_in(value: Any) -> Iterable[float]:
-    """The numbers in a hyperparameter value that torch.optim would check.
-
-    Python numbers are always checked.  One-element CPU tensors are checked when a rule is
-    built (as torch checks a tensor ``lr``), not in per-step overrides: a learned value may
-    cross a bound during meta-training, and reading it every step costs a device sync on
-    an accelerator.  Larger tensors (per-element values), accelerator tensors and tensors
-    inside ``vmap``/``torch.compile`` are the caller's responsibility.
-    """
-    values = value.values() if _is_mapping(value) else [value]
-    for item in values:
-        if is_number(item):
-            yield float(item)
-        elif (
-            isinstance(item, Tensor)
-            and item.device.type == "cpu"  # reading a GPU value would synchronise
-            and not _is_traced(item)
-            and item.numel() == 1
-        ):
-            yield float(item.detach())
-
-
-def _is_traced(t: Tensor) -> bool:
-    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def check_nonnegative(hp: Hyperparameters, key: str, label: str) -> None:
-    """torch.optim's ``Invalid <label>: <value>`` check for ``0 <= value``."""
-    for v in numbers_in(hp[key]):
-        check(v >= 0.0 and not math.isnan(v), f"Invalid {label}: {v}")
-
-
-def check_betas(hp: Hyperparameters, key: str = "betas") -> None:
-    """torch.optim's check that both betas lie in ``[0, 1)``."""
-    values = hp[key].values() if isinstance(hp[key], Mapping) else [hp[key]]
-    for pair in values:
-        if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise ValueError(f"{key} must be a pair (beta1, beta2), got {pair!r}.")
-        for index, beta in enumerate(pair):
-            for v in numbers_in(beta):
-                check(0.0 <= v < 1.0, f"Invalid beta parameter at index {index}: {v}")
-
-
-def check_type(hp: Hyperparameters, key: str, kind: type) -> None:
-    """A static option must be a plain value of ``kind`` (e.g. ``amsgrad`` a bool)."""
-    if not isinstance(hp[key], kind):
-        raise TypeError(f"{key} must be a {kind.__name__}, got {type(hp[key]).__name__}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from . import _factories as f
 from ._core import Rule, _assemble_state
+from ._math import TORCH
 
 RuleFactory = Callable[..., Rule]
 
@@ -28,6 +30,9 @@ _REGISTRY: dict[type, RuleFactory] = {
     torch.optim.NAdam: f.nadam,
     torch.optim.RAdam: f.radam,
 }
+
+#: The factories defined here (they take ``arithmetic=`` like any option).
+_BUILT_IN_FACTORIES = frozenset(_REGISTRY.values())
 
 #: Keys that torch's learning-rate schedulers and named parameters add to a group.
 _BOOKKEEPING_KEYS = frozenset(
@@ -58,8 +63,11 @@ def supported_optimizers() -> tuple[type, ...]:
     return tuple(_REGISTRY)
 
 
-def rule_factory(optimizer_class: type) -> RuleFactory:
+def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
     """The factory registered for ``optimizer_class`` (or its nearest registered base).
+
+    With ``arithmetic="higher"``, a factory whose rules run higher's two-op forms (what the
+    drop-in optimizers use; see :mod:`higher_func.optim`) instead of torch.optim's fused ops.
 
     Example:
         >>> import torch, higher_func as hf
@@ -72,12 +80,28 @@ def rule_factory(optimizer_class: type) -> RuleFactory:
     """
     for klass in optimizer_class.__mro__:
         if klass in _REGISTRY:
-            return _REGISTRY[klass]
+            factory = _REGISTRY[klass]
+            return factory if arithmetic == TORCH else _with_arithmetic(factory, arithmetic)
     names = ", ".join(sorted(k.__name__ for k in _REGISTRY))
     raise TypeError(
         f"No differentiable rule for {optimizer_class.__name__}. Supported: {names}. "
         f"Register one with higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _with_arithmetic(factory: RuleFactory, arithmetic: str) -> RuleFactory:
+    """``factory`` building its rules with ``arithmetic`` (one wrapper per pair, so callers
+    may cache by factory)."""
+
+    def build(**options: Any) -> Rule:
+        if factory in _BUILT_IN_FACTORIES:
+            return factory(**options, arithmetic=arithmetic)
+        rule = factory(**options)  # a registered factory of one's own
+        return Rule(rule.spec, rule.hyperparameters, arithmetic) if type(rule) is Rule else rule
+
+    build.__name__ = getattr(factory, "__name__", "factory")
+    return build
 
 
 def register_rule(optimizer_class: type, factory: RuleFactory) -> None:

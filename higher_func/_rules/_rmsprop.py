@@ -9,17 +9,9 @@ import torch
 from torch import Tensor
 
 from ._adagrad import prepare_grad
-from ._core import (
-    Hyperparameters,
-    RuleSpec,
-    check,
-    check_nonnegative,
-    check_type,
-    is_zero,
-    new_step,
-    numbers_in,
-    safe_sqrt,
-)
+from ._checks import check, check_nonnegative, check_type, numbers_in
+from ._core import Hyperparameters, RuleSpec
+from ._math import arithmetic, is_zero, new_step, safe_sqrt
 
 
 class RMSpropState(NamedTuple):
@@ -54,21 +46,21 @@ def _rmsprop_init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _rmsprop_update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    alpha = hp["alpha"]
+    ops, alpha = arithmetic(hp), hp["alpha"]
     grad = prepare_grad(param, grad, hp)
-    square_avg = alpha * state["square_avg"] + (1 - alpha) * grad * grad
+    square_avg = ops.add_product(state["square_avg"] * alpha, grad, grad, 1 - alpha)
     new_state = {"step": state["step"] + 1, "square_avg": square_avg}
     if "grad_avg" in state:
-        grad_avg = torch.lerp(state["grad_avg"], grad, 1 - alpha)
+        grad_avg = ops.average(state["grad_avg"], grad, alpha)
         new_state["grad_avg"] = grad_avg
-        avg = safe_sqrt(square_avg - grad_avg * grad_avg) + hp["eps"]
+        avg = safe_sqrt(ops.add_product(square_avg, grad_avg, grad_avg, -1)) + hp["eps"]
     else:
         avg = safe_sqrt(square_avg) + hp["eps"]
-    direction = grad / avg
     if "momentum_buffer" in state:
-        direction = hp["momentum"] * state["momentum_buffer"] + direction
-        new_state["momentum_buffer"] = direction
-    return param - hp["lr"] * direction, new_state
+        buffer = ops.sub_ratio(state["momentum_buffer"] * hp["momentum"], grad, avg, -1)
+        new_state["momentum_buffer"] = buffer
+        return ops.sub_scaled(param, buffer, hp["lr"]), new_state
+    return ops.sub_ratio(param, grad, avg, hp["lr"]), new_state
 
 
 def _rmsprop_validate(hp: Hyperparameters) -> None:

@@ -7,18 +7,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (
-    Hyperparameters,
-    RuleSpec,
-    add_scaled,
-    check,
-    check_nonnegative,
-    check_type,
-    is_zero,
-    new_step,
-    numbers_in,
-    sub_scaled,
-)
+from ._checks import check, check_nonnegative, check_type, numbers_in
+from ._core import Hyperparameters, RuleSpec
+from ._math import arithmetic, is_zero, new_step, step_value
 
 
 class SGDState(NamedTuple):
@@ -52,19 +43,23 @@ def _init(param: Tensor, hp: Hyperparameters) -> dict[str, Tensor]:
 def _update(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyperparameters
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    ops = arithmetic(hp)
     if hp["maximize"]:
         grad = -grad
     if not is_zero(hp["weight_decay"]):
-        grad = add_scaled(grad, param, hp["weight_decay"])
+        grad = ops.add_scaled(grad, param, hp["weight_decay"])
     if state:
         momentum, dampening, step = hp["momentum"], hp["dampening"], state["step"]
         # torch seeds the buffer with the first gradient, undamped: 0 * m + 1 * g == g.
-        if not is_zero(dampening):
-            grad = (1 - dampening * torch.clamp(step, max=1)) * grad
-        buffer = add_scaled(grad, state["momentum_buffer"], momentum)
-        grad = add_scaled(grad, buffer, momentum) if hp["nesterov"] else buffer
+        undamped = 1.0 if is_zero(dampening) else 1 - dampening * _clamp_to_one(step_value(step))
+        buffer = ops.add_scaled(state["momentum_buffer"] * momentum, grad, undamped)
+        grad = ops.add_scaled(grad, buffer, momentum) if hp["nesterov"] else buffer
         state = {"momentum_buffer": buffer, "step": step + 1}
-    return sub_scaled(param, grad, hp["lr"]), state
+    return ops.sub_scaled(param, grad, hp["lr"]), state
+
+
+def _clamp_to_one(t: Any) -> Any:
+    return min(t, 1.0) if isinstance(t, float) else torch.clamp(t, max=1)
 
 
 def _validate(hp: Hyperparameters) -> None:
@@ -107,4 +102,5 @@ SGD = RuleSpec(
     validate=_validate,
     import_state=_import_state,
     elementwise=True,
+    sparse_grads=True,
 )

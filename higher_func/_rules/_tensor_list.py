@@ -40,6 +40,8 @@ def can_batch(tensors: Sequence[Tensor], others: Sequence[Tensor] = ()) -> bool:
     """
     if len(tensors) < 2 or torch.compiler.is_compiling():
         return False
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return False  # dual tensors may flow (forward-mode AD): the per-tensor path serves
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *others)):
