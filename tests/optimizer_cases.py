@@ -170,3 +170,17 @@ OPTION_IDS = [
     f"{case.name}-" + ("-".join(f"{k}={v}" for k, v in options.items()) or "defaults")
     for case, options in OPTION_CASES
 ]
+
+#: Low-precision rows: every optimizer in bfloat16 and float16 against torch.optim run in the
+#: same dtype (the default suite steps each optimizer's first option set, the slow pass all).
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+LOW_PRECISION_CASES = [
+    (case, options, dtype)
+    for case, options in OPTION_CASES
+    for dtype in LOW_PRECISION_DTYPES
+]
+LOW_PRECISION_IDS = [
+    f"{option_id}-{str(dtype).removeprefix('torch.')}"
+    for option_id in OPTION_IDS
+    for dtype in LOW_PRECISION_DTYPES
+]

@@ -9,7 +9,14 @@ import torch
 
 import higher_func as hf
 
-from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
+from optimizer_cases import (
+    CASES,
+    LOW_PRECISION_CASES,
+    LOW_PRECISION_IDS,
+    OPTION_CASES,
+    OPTION_IDS,
+    OptimizerCase,
+)
 
 STEPS = 12
 TOLERANCE = 1e-10
@@ -147,3 +154,66 @@ def test_float32_stays_float32_and_close(case: OptimizerCase) -> None:
     steps = state.step.values() if "step" in state._fields and state.step else []
     assert all(t.dtype == torch.float32 for t in steps)
     torch.testing.assert_close(params["p"], reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- low precision
+
+
+def run_low_precision(
+    case: OptimizerCase, options: dict[str, Any], dtype: torch.dtype, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` steps of torch.optim and of the rule in ``dtype`` (default dtype float32,
+    so torch keeps its step counts in float32): the final parameters of both."""
+    torch.set_default_dtype(torch.float32)
+    p = torch.randn(16).to(dtype)
+    grads = torch.randn(steps, 16).to(dtype)
+    grads[3] = 0  # exactly zero moments in places
+    reference = p.clone().requires_grad_()
+    optimizer = case.torch_class([reference], **options)
+    rule = case.factory(**options)
+    params, state = {"p": p}, rule.init({"p": p})
+    for g in grads:
+        reference.grad = g
+        optimizer.step()
+        params, state = rule.step(params, {"p": g}, state)
+    return params["p"], reference.detach()
+
+
+def assert_low_precision_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Within one unit in the last place at the largest magnitude: what rounding may move.
+
+    A step counter kept in bfloat16 stalls at 256 (Adam 10% off after 1,000 steps), a
+    bias correction ``1 - beta2**t`` in bfloat16 rounds to 0 (NAdam, RAdam): far outside.
+    """
+    assert ours.dtype == theirs.dtype
+    assert not ours.isnan().any()
+    scale = theirs.float().abs().max().item()
+    tolerance = torch.finfo(theirs.dtype).eps * scale
+    error = (ours.float() - theirs.float()).abs().max().item()
+    assert error <= tolerance, f"error {error:.3g} > {tolerance:.3g} (one ulp at {scale:.3g})"
+
+
+FIRST_OPTIONS = [
+    (case, options, dtype)
+    for case, options, dtype in LOW_PRECISION_CASES
+    if options is case.option_sets[0]
+]
+FIRST_IDS = [
+    id_
+    for (case, options, _), id_ in zip(LOW_PRECISION_CASES, LOW_PRECISION_IDS, strict=True)
+    if options is case.option_sets[0]
+]
+
+
+@pytest.mark.parametrize(("case", "options", "dtype"), FIRST_OPTIONS, ids=FIRST_IDS)
+def test_low_precision_equals_torch_optim_over_1000_steps(case, options, dtype) -> None:
+    assert_low_precision_close(*run_low_precision(case, options, dtype, steps=1000))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "options", "dtype"), LOW_PRECISION_CASES, ids=LOW_PRECISION_IDS)
+def test_low_precision_equals_torch_optim_past_the_float16_counter_limit(
+    case, options, dtype
+) -> None:
+    """2,100 steps: past 2,048, where a float16 step counter would stall."""
+    assert_low_precision_close(*run_low_precision(case, options, dtype, steps=2100))
