@@ -146,3 +146,61 @@ def test_safe_sqrt_second_derivative_is_finite_at_zero() -> None:
     (second,) = torch.autograd.grad(first.sum(), x)
     assert first.tolist() == [0.0, 2.0]
     assert second.tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- forward mode
+
+#: The gradient of a quadratic, written out so that forward mode needs no reverse pass;
+#: its second row and the last element of ``b`` get exactly zero gradients every step,
+#: so second moments stay exactly zero there (where ``sqrt``'s derivative is infinite).
+CURVATURE = torch.tensor([[1.5, -0.3, 0.2, 0.0], [0.0] * 4, [0.2, 0.4, 2.0, 0.0], [0.0] * 4],
+                         dtype=torch.float64)
+
+
+def forward_unroll(case: OptimizerCase, start: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """The weights after ``case.gradcheck_steps`` steps from ``start``, a function of both."""
+    options = {**case.gradcheck_options, **case.tensor_hyperparameters, "lr": lr}
+    if "weight_decay" in options and not options.get("decoupled_weight_decay", False):
+        options["weight_decay"] = 0.0  # coupled weight decay would make the zero gradients not zero
+    rule = case.factory(**options)
+    params = {"w": start}
+    state = rule.init(params)
+    for _ in range(case.gradcheck_steps):
+        w = params["w"]
+        grad = CURVATURE @ w + torch.tensor([0.3, 0.0, -0.5, 0.0], dtype=torch.float64)
+        params, state = rule.step(params, {"w": grad}, state)
+    return params["w"]
+
+
+def forward_point(case: OptimizerCase) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    start = torch.tensor([0.4, -0.9, 1.3, 0.7], dtype=torch.float64)
+    lr = torch.tensor(float(case.tensor_hyperparameters.get("lr", 0.01)), dtype=torch.float64)
+    tangents = (torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64),
+                torch.tensor(0.7, dtype=torch.float64))
+    return (start, lr), tangents
+
+
+def reverse_jvp(case: OptimizerCase, primals, tangents) -> torch.Tensor:
+    """J @ v from the reverse-mode Jacobian."""
+    jacobians = torch.autograd.functional.jacobian(lambda *a: forward_unroll(case, *a), primals)
+    return sum(j.reshape(4, -1) @ t.reshape(-1) for j, t in zip(jacobians, tangents, strict=True))
+
+
+@pytest.mark.usefixtures("float64_scalar_state")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_mode_equals_reverse_mode(case: OptimizerCase) -> None:
+    """forward_ad, torch.func.jvp and jacfwd through every rule: finite (zero second moments
+    included) and equal to reverse mode."""
+    primals, tangents = forward_point(case)
+    expected = reverse_jvp(case, primals, tangents)
+    assert torch.isfinite(expected).all()
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        dual_ad = torch.autograd.forward_ad.unpack_dual(forward_unroll(case, *duals)).tangent
+    _, dual_jvp = torch.func.jvp(lambda *a: forward_unroll(case, *a), primals, tangents)
+    jac_w, jac_lr = torch.func.jacfwd(lambda *a: forward_unroll(case, *a), argnums=(0, 1))(
+        *primals
+    )
+    dual_jacfwd = jac_w @ tangents[0] + jac_lr * tangents[1]
+    for got in (dual_ad, dual_jvp, dual_jacfwd):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
