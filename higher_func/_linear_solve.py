@@ -69,7 +69,7 @@ def solve_cg(
     matvec: MatVec,
     b: Tree,
     *,
-    maxiter: int = 100,
+    maxiter: int | None = None,
     tol: float = 1e-10,
     damping: float = 0.0,
     init: Tree | None = None,
@@ -84,7 +84,8 @@ def solve_cg(
     Args:
         matvec: the linear map ``x -> A x`` over pytrees shaped like ``b``.
         b: the right-hand side, a pytree of tensors.
-        maxiter: the fixed number of iterations (exact after ``dim(b)`` in exact arithmetic).
+        maxiter: the fixed number of iterations; by default ``dim(b)`` (after which CG is
+            exact in exact arithmetic), at most 100.
         tol: relative residual at which updates stop.
         damping: ``lambda >= 0`` added to the diagonal, for an ill-conditioned ``A``.
         init: a starting point shaped like ``b`` (zeros by default).
@@ -99,6 +100,8 @@ def solve_cg(
         >>> torch.allclose(A @ x, b)
         True
     """
+    if maxiter is None:
+        maxiter = min(100, sum(leaf.numel() for leaf in optree.tree_leaves(b)))
     _check_steps("maxiter", maxiter)
     operator = _damped(matvec, damping)
     x = _map(torch.zeros_like, b) if init is None else init
@@ -129,7 +132,7 @@ def solve_normal_cg(
     matvec: MatVec,
     b: Tree,
     *,
-    maxiter: int = 100,
+    maxiter: int | None = None,
     tol: float = 1e-10,
     damping: float = 0.0,
     init: Tree | None = None,

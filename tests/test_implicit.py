@@ -46,7 +46,7 @@ def rel_error(actual: Tensor, expected: Tensor) -> float:
 
 def data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    X, y = torch.randn(20, FEATURES, generator=g), torch.randn(20, generator=g)
+    X, y = torch.randn(20, FEATURES, generator=g) / 20**0.5, torch.randn(20, generator=g)
     X_val, y_val = torch.randn(10, FEATURES, generator=g), torch.randn(10, generator=g)
     return X, y, X_val, y_val
 
@@ -81,7 +81,8 @@ def reference_loss(lam: Tensor, X: Tensor, y: Tensor, X_val, y_val) -> Tensor:
 SOLVES = {
     "cg": solve_cg,
     "normal_cg": solve_normal_cg,
-    "neumann": functools.partial(solve_neumann, steps=3000, alpha=0.02, tol=1e-14),
+    # the systems below have eigenvalues in [0.7, 3]: I - 0.4 A contracts by 0.72 at least
+    "neumann": functools.partial(solve_neumann, steps=120, alpha=0.4, tol=1e-15),
     "lu": solve_lu,
     "inv": solve_inv,
 }
@@ -93,7 +94,7 @@ SOLVES = {
 def spd_system(n: int = 6) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1)
     M = torch.randn(n, n, generator=g)
-    return M @ M.T + 0.5 * torch.eye(n), torch.randn(n, generator=g)
+    return M @ M.T / n + 0.7 * torch.eye(n), torch.randn(n, generator=g)
 
 
 @pytest.mark.parametrize("name", sorted(SOLVES))
@@ -235,7 +236,7 @@ def test_grad_of_grad_and_double_backward_are_exact() -> None:
 
 
 def test_gradcheck_and_gradgradcheck() -> None:
-    X, y, X_val, y_val = data()
+    X, y, X_val, y_val = (t[:6, :2] if t.dim() == 2 else t[:6] for t in data())  # small: fast
     ridge = implicit_ridge(solve_lu)
     lam, X = torch.tensor(0.7, requires_grad=True), X.clone().requires_grad_()
 
