@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from ._implicit_checks import (
-    check_captured,
-    checks_under_compile,
+    check_optimality_fn,
     is_grad_tracking,
     check_requires_no_grad,
     check_same_structure,
@@ -170,10 +169,7 @@ class _ImplicitSolution(torch.autograd.Function):
 def _implicit_solution(
     optimality_fn: Callable, solve: Solve, has_aux: bool, solver: Callable, init: Tree, args: tuple
 ) -> Any:
-    if torch.compiler.is_compiling():
-        checks_under_compile(optimality_fn)  # first: the graph breaks here (see there why)
-    else:
-        check_captured(optimality_fn, "optimality_fn")
+    check_optimality_fn(optimality_fn)
     problem = _Problem(optimality_fn, solver, solve, has_aux, init, args)
     init_leaves = optree.tree_leaves(init, none_is_leaf=True)
     for leaf in init_leaves:

@@ -141,8 +141,16 @@ def check_same_structure(name: str, tree: Any, other_name: str, other: Any, shap
         )
 
 
+def check_optimality_fn(optimality_fn: Callable) -> None:
+    """The checks of the optimality function at each call, eager or compiled."""
+    if torch.compiler.is_compiling():
+        _checks_under_compile(optimality_fn)  # the graph breaks here (see there why)
+    else:
+        check_captured(optimality_fn, "optimality_fn")
+
+
 @torch.compiler.disable
-def checks_under_compile(optimality_fn: Callable) -> None:
+def _checks_under_compile(optimality_fn: Callable) -> None:
     """The checks, run outside the graph: Dynamo breaks the graph here, on purpose.
 
     On torch 2.13 a ``torch.func`` transform compiled with Dynamo drops an

@@ -505,14 +505,14 @@ class _TripleBackward(torch.autograd.Function):
 
 @pytest.mark.slow
 def test_compiled_grad_keeps_the_custom_backward() -> None:
-    """The graph break of ``checks_under_compile`` is what keeps the custom backward."""
-    from higher_func._implicit_checks import checks_under_compile
+    """The graph break of ``check_optimality_fn`` is what keeps the custom backward."""
+    from higher_func._implicit_checks import check_optimality_fn
 
     def plain(x: Tensor) -> Tensor:
         return _TripleBackward.apply(x)
 
     def guarded(x: Tensor) -> Tensor:
-        checks_under_compile(ridge_gradient)
+        check_optimality_fn(ridge_gradient)
         return _TripleBackward.apply(x)
 
     x = torch.tensor(1.0)
