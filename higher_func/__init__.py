@@ -5,7 +5,7 @@ differentiable optimizer is also a pure update rule (``higher_func.optim``), and
 batch under ``vmap`` and compile with ``torch.compile``.
 """
 
-from . import func, optim, patch, utils
+from . import func, implicit, optim, patch, utils
 from ._context import (
     clip_grad_norm,
     clip_grad_value,
@@ -28,6 +28,7 @@ __all__ = [
     "create_diff_optim",
     "func",
     "get_diff_optim",
+    "implicit",
     "inner_loop",
     "innerloop_ctx",
     "monkeypatch",
