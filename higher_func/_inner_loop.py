@@ -270,14 +270,9 @@ def inner_loop(
         state = rule.init(params)
     objective = _objective(loss, stateful=buffers is not None)
     if recompute and steps:
-        first = 0 if truncate is None else max(steps - truncate, 0)
-        overrides = [_overrides_at(hyperparameters, k) for k in range(steps)]
-        return InnerLoop(
-            *recomputed_inner_loop(
-                objective, rule, first_order, params, state, buffers, batch, overrides,
-                first=first, trajectory=trajectory,
-            )
-        )
+        schedule = [_overrides_at(hyperparameters, k) for k in range(steps)]
+        start, flags = (params, state, buffers), (first_order, truncate, trajectory)
+        return InnerLoop(*recomputed_inner_loop(objective, rule, start, batch, schedule, *flags))
     history = [params]
     losses = []
     for k in range(steps):

@@ -25,7 +25,7 @@ differentiable: second-order meta-derivatives (``create_graph=True``, nested
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import optree
@@ -57,6 +57,21 @@ def inner_step(objective: Callable[..., Any], rule: Any, first_order: bool) -> S
     return step
 
 
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    leaves, spec = optree.tree_flatten(tree)
+    return list(leaves), spec
+
+
+def _fill(spec: Any, leaves: Sequence[Any], tensors: Iterable[Tensor]) -> Any:
+    """``spec``'s tree with its tensor leaves replaced by ``tensors`` (in order)."""
+    new = iter(tensors)
+    return optree.tree_unflatten(spec, [next(new) if _is_tensor(x) else x for x in leaves])
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
 class _Plan:
     """The non-tensor description of one recomputed unroll and its flat tensor layout.
 
@@ -69,52 +84,47 @@ class _Plan:
     def __init__(
         self,
         step: Step,
-        steps: int,
         first: int,
         start: tuple[Any, Any, Any],
         overrides: Sequence[Mapping[str, Any]],
         batch: tuple[Any, ...],
         trajectory: bool,
     ) -> None:
-        self.step, self.steps, self.first = step, steps, first
-        leaves, self.treespec = optree.tree_flatten(start)
-        self.is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
+        self.step, self.steps, self.first = step, len(overrides), first
+        leaves, self.treespec = _flatten(start)
+        self.is_tensor = [_is_tensor(x) for x in leaves]
         self.size = sum(self.is_tensor)
-        self.start_constants = [leaf for leaf, t in zip(leaves, self.is_tensor) if not t]
-        self.param_slots = range(sum(isinstance(x, Tensor) for x in optree.tree_leaves(start[0])))
-        self.trajectory = trajectory
-        self.stored = range(1 if trajectory else max(first, 1), steps)
+        self.start_constants = [x for x in leaves if not _is_tensor(x)]
+        self.final_constants: list[Any] = []
         self.constants: list[list[Any]] = []  # each stored iterate's non-tensor leaves
-        self.shared = len(overrides) > 0 and all(o is overrides[0] for o in overrides)
-        self.override_trees = [optree.tree_flatten(dict(o)) for o in overrides]
-        if self.shared:
-            self.override_trees = self.override_trees[:1]
-        flat: list[Tensor] = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        self.override_slots = []
-        for override_leaves, _ in self.override_trees:
-            tensors = [leaf for leaf in override_leaves if isinstance(leaf, Tensor)]
-            self.override_slots.append(range(len(flat), len(flat) + len(tensors)))
-            flat += tensors
-        self.batch_leaves, self.batch_spec = optree.tree_flatten(batch)
-        tensors = [leaf for leaf in self.batch_leaves if isinstance(leaf, Tensor)]
-        self.batch_slots = range(len(flat), len(flat) + len(tensors))
-        self.inputs = flat + tensors
+        self.stored = range(1 if trajectory else max(first, 1), self.steps)
+        self.shared = all(o is overrides[0] for o in overrides)
+        self.override_trees = [_flatten(dict(o)) for o in overrides[: 1 if self.shared else None]]
+        self.inputs: list[Tensor] = [x for x in leaves if _is_tensor(x)]
+        self.override_slots = [
+            self._add([x for x in tree if _is_tensor(x)]) for tree, _ in self.override_trees
+        ]
+        self.batch_leaves, self.batch_spec = _flatten(batch)
+        self.batch_slots = self._add([x for x in self.batch_leaves if _is_tensor(x)])
+
+    def _add(self, tensors: list[Tensor]) -> range:
+        start = len(self.inputs)
+        self.inputs += tensors
+        return range(start, len(self.inputs))
 
     def split(self, iterate: Any, k: int) -> tuple[list[Tensor], list[Any]]:
         """``(tensors, constants)`` of an iterate, checked against the starting structure."""
-        leaves, treespec = optree.tree_flatten(iterate)
-        if treespec != self.treespec or [isinstance(x, Tensor) for x in leaves] != self.is_tensor:
+        leaves, treespec = _flatten(iterate)
+        if treespec != self.treespec or [_is_tensor(x) for x in leaves] != self.is_tensor:
             raise ValueError(
                 "inner_loop(recompute=True) needs (params, state, buffers) to keep their "
-                f"structure from step to step; entering step {k} it is {treespec}, it started as "
-                f"{self.treespec}. Use recompute=False with this rule."
+                f"structure from step to step; entering step {k} it is {treespec}, it started "
+                f"as {self.treespec}. Use recompute=False with this rule."
             )
-        return (
-            [x for x, t in zip(leaves, self.is_tensor) if t],
-            [x for x, t in zip(leaves, self.is_tensor) if not t],
-        )
+        return [x for x in leaves if _is_tensor(x)], [x for x in leaves if not _is_tensor(x)]
 
-    def join(self, tensors: Sequence[Tensor], constants: Sequence[Any]) -> tuple[Any, Any, Any]:
+    def join(self, tensors: Sequence[Tensor], constants: Sequence[Any]) -> Any:
+        """The ``(params, state, buffers)`` tree of an iterate's tensors and constants."""
         tensor_iter, constant_iter = iter(tensors), iter(constants)
         leaves = [next(tensor_iter) if t else next(constant_iter) for t in self.is_tensor]
         return optree.tree_unflatten(self.treespec, leaves)
@@ -122,14 +132,10 @@ class _Plan:
     def overrides_at(self, flat: Sequence[Tensor], k: int) -> Any:
         index = 0 if self.shared else k
         leaves, spec = self.override_trees[index]
-        tensors = iter(flat[i] for i in self.override_slots[index])
-        filled = [next(tensors) if isinstance(x, Tensor) else x for x in leaves]
-        return optree.tree_unflatten(spec, filled)
+        return _fill(spec, leaves, (flat[i] for i in self.override_slots[index]))
 
     def batch(self, flat: Sequence[Tensor]) -> Any:
-        tensors = iter(flat[i] for i in self.batch_slots)
-        filled = [next(tensors) if isinstance(x, Tensor) else x for x in self.batch_leaves]
-        return optree.tree_unflatten(self.batch_spec, filled)
+        return _fill(self.batch_spec, self.batch_leaves, (flat[i] for i in self.batch_slots))
 
     def iterate_at(self, k: int, saved: Sequence[Tensor]) -> tuple[list[Tensor], list[Any]]:
         """The stored iterate entering step k (from the saved inputs and outputs)."""
@@ -148,7 +154,7 @@ class _RecomputedUnroll(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(plan: _Plan, *flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(plan: _Plan, *flat: Tensor) -> tuple[Tensor, ...]:
         iterate = plan.join(flat[: plan.size], plan.start_constants)
         batch, stored, losses = plan.batch(flat), [], []
         plan.constants = []
@@ -185,7 +191,7 @@ class _RecomputedUnroll(torch.autograd.Function):
         ctx.mark_non_differentiable(*stored[:before])
 
     @staticmethod
-    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:
         grads = _reverse_walk(ctx.plan, ctx.saved_tensors, ctx.needs_input_grad[1:], cotangents)
         return (None, *grads)
 
@@ -212,7 +218,7 @@ def _reverse_walk(
             *(
                 i
                 for i, t in enumerate(tensors)
-                if _differentiable(t) and (k > plan.first or needs[i])
+                if _differentiable(t) and (k > plan.first or (k == 0 and needs[i]))
             ),
             *(len(tensors) + s for s in override_slots if needs[s]),
             *(len(tensors) + s for s in plan.batch_slots if needs[s]),
@@ -226,13 +232,14 @@ def _reverse_walk(
         for position, g in pulled.items():
             if position >= plan.size:
                 slot = position - plan.size
-                grads[slot] = g if grads[slot] is None else grads[slot] + g
+                earlier = grads[slot]
+                grads[slot] = g if earlier is None else earlier + g
         if k > plan.first:
             j = k - plan.stored.start
             for i in range(plan.size):
-                extra = stored_adjoint[j * plan.size + i]
+                extra, current = stored_adjoint[j * plan.size + i], adjoint[i]
                 if extra is not None:
-                    adjoint[i] = extra if adjoint[i] is None else adjoint[i] + extra
+                    adjoint[i] = extra if current is None else current + extra
     if plan.first == 0:
         for i in range(plan.size):
             if needs[i]:
@@ -269,7 +276,7 @@ def _step_vjp(
         leaves = plan.split(tuple(iterate), k + 1)[0]
         return tuple(t for t in leaves if _differentiable(t)), value
 
-    (outputs, value), pull = vjp(rebuilt, *(everything[p] for p in wrt))
+    (outputs, value), pull = vjp(rebuilt, *(everything[p] for p in wrt))  # type: ignore[misc]
     floats = [i for i, t in enumerate(tensors) if _differentiable(t)]
     seeds = tuple(
         torch.zeros_like(out) if adjoint[i] is None else adjoint[i]
@@ -305,9 +312,9 @@ def _check_nothing_captured(
     """
     if not torch.is_grad_enabled():
         return
-    params, state, buffers, overrides, batch = optree.tree_map(
-        lambda x: x.detach() if isinstance(x, Tensor) else x, (*start, overrides, batch)
-    )
+    everything: Any = (*start, overrides, batch)
+    detached: Any = optree.tree_map(lambda x: x.detach() if _is_tensor(x) else x, everything)
+    params, state, buffers, overrides, batch = detached
     value, _ = objective(params, buffers, *batch)
     zeros = optree.tree_map(torch.zeros_like, params)
     leaves = [value, *optree.tree_leaves(rule.step(params, zeros, state, **overrides))]
@@ -325,14 +332,11 @@ def _check_nothing_captured(
 def recomputed_inner_loop(
     objective: Callable[..., Any],
     rule: Any,
-    first_order: bool,
-    params: Any,
-    state: Any,
-    buffers: Any,
+    start: tuple[Any, Any, Any],
     batch: tuple[Any, ...],
     overrides: Sequence[Mapping[str, Any]],
-    *,
-    first: int,
+    first_order: bool,
+    truncate: int | None,
     trajectory: bool,
 ) -> tuple[Any, Any, Any, Tensor, tuple[Any, ...] | None]:
     """``(params, state, buffers, losses, trajectory)`` of K recomputed steps.
@@ -340,22 +344,23 @@ def recomputed_inner_loop(
     Args:
         objective: ``(params, buffers, *batch) -> (loss, (loss, new_buffers))``.
         rule: the update rule; its own tensor hyperparameters become overrides.
-        first_order: stop the gradient at each step's inner gradient.
-        params, state, buffers: the starting iterate.
+        start: the starting iterate ``(params, state, buffers)``.
         batch: the task's data, passed on to the loss.
         overrides: each step's hyperparameter overrides (``len(overrides)`` is K; the same
             dict object for every step when they do not change).
-        first: the first differentiated step (``K - truncate``, else 0).
+        first_order: stop the gradient at each step's inner gradient.
+        truncate: differentiate through the last ``truncate`` steps only (``None``: all).
         trajectory: also return ``(phi_0, ..., phi_K)``.
     """
     steps = len(overrides)
-    if steps and all(o is overrides[0] for o in overrides):
+    first = 0 if truncate is None else max(steps - truncate, 0)
+    if all(o is overrides[0] or not (o or overrides[0]) for o in overrides):
         overrides = [_lift_rule_tensors(rule, overrides[0])] * steps
     else:
         overrides = [_lift_rule_tensors(rule, o) for o in overrides]
-    _check_nothing_captured(objective, rule, (params, state, buffers), overrides[0], batch)
+    _check_nothing_captured(objective, rule, start, overrides[0], batch)
     step = inner_step(objective, rule, first_order)
-    plan = _Plan(step, steps, first, (params, state, buffers), overrides, batch, trajectory)
+    plan = _Plan(step, first, start, overrides, batch, trajectory)
     outputs = _RecomputedUnroll.apply(plan, *plan.inputs)
     final = plan.join(outputs[: plan.size], plan.final_constants)
     losses = outputs[plan.size]
@@ -363,7 +368,7 @@ def recomputed_inner_loop(
     if trajectory:
         stored = outputs[plan.size + 1 :]
         history = (
-            (params,)
+            (start[0],)
             + tuple(
                 plan.join(stored[j * plan.size : (j + 1) * plan.size], plan.constants[j])[0]
                 for j in range(len(plan.stored))
