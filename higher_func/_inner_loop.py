@@ -269,7 +269,7 @@ def inner_loop(
     if state is None:
         state = rule.init(params)
     objective = _objective(loss, stateful=buffers is not None)
-    if recompute and steps:
+    if recompute and steps and truncate != 0:  # else there is no graph to spare
         schedule = [_overrides_at(hyperparameters, k) for k in range(steps)]
         start, flags = (params, state, buffers), (first_order, truncate, trajectory)
         return InnerLoop(*recomputed_inner_loop(objective, rule, start, batch, schedule, *flags))
