@@ -254,7 +254,7 @@ def test_batched_meta_loss_under_vmap_with_per_task_hyperparameters() -> None:
                 steps=3,
                 buffers=model.buffers,
                 recompute=recompute,
-            )  # fmt: skip
+            )
         )(detached)
 
     plain, recomputed = by_func(False), by_func(True)
