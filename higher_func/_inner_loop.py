@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._norm import exact_norms, may_normalize
+from ._recompute import recomputed_inner_loop
 from ._rules._registry import from_torch_optimizer
 
 __all__ = [
@@ -206,6 +207,7 @@ def inner_loop(
     first_order: bool = False,
     truncate: int | None = None,
     trajectory: bool = False,
+    recompute: bool = False,
 ) -> InnerLoop:
     """K differentiable steps of ``rule`` on ``loss``: ``phi_{k+1} = step(phi_k, grad L(phi_k))``.
 
@@ -241,6 +243,12 @@ def inner_loop(
             2019), so nothing before them (``params`` included) receives a gradient
             through them.  ``None`` differentiates through all steps.
         trajectory: also return every iterate ``(phi_0, ..., phi_K)``.
+        recompute: keep no graph across steps: store each step's iterate (params, state,
+            buffers) and rebuild one step at a time in the backward pass
+            (:mod:`higher_func._recompute`).  Same meta-gradient, memory bounded by the
+            iterates plus one step's graph, about one extra inner step per step of time.
+            Reverse mode only; every tensor requiring grad must be passed in (``params``,
+            ``state``, ``buffers``, ``hyperparameters``, the batch or the rule).
 
     Returns:
         An :class:`InnerLoop` ``(params, state, buffers, losses, trajectory)``.
@@ -261,6 +269,10 @@ def inner_loop(
     if state is None:
         state = rule.init(params)
     objective = _objective(loss, stateful=buffers is not None)
+    if recompute and steps and truncate != 0:  # else there is no graph to spare
+        schedule = [_overrides_at(hyperparameters, k) for k in range(steps)]
+        start, flags = (params, state, buffers), (first_order, truncate, trajectory)
+        return InnerLoop(*recomputed_inner_loop(objective, rule, start, batch, schedule, *flags))
     history = [params]
     losses = []
     for k in range(steps):
@@ -356,13 +368,14 @@ def meta_loss(
     hyperparameters: Hyperparameters = None,
     first_order: bool = False,
     truncate: int | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """One task's meta-loss ``L_query(phi_K(params))`` after :func:`inner_loop` on ``support``.
 
     Args:
         loss: the inner (support) loss, as in :func:`inner_loop`.
-        rule, params, steps, state, buffers, hyperparameters, first_order, truncate: as in
-            :func:`inner_loop`.
+        rule, params, steps, state, buffers, hyperparameters, first_order, truncate,
+            recompute: as in :func:`inner_loop`.
         support: the support batch, a tuple of arguments for ``loss`` (a single tensor is
             taken as a 1-tuple).
         query: the query batch, likewise.
@@ -391,6 +404,7 @@ def meta_loss(
         hyperparameters=hyperparameters,
         first_order=first_order,
         truncate=truncate,
+        recompute=recompute,
     )
     outer = loss if query_loss is None else query_loss
     if buffers is None:
@@ -422,6 +436,7 @@ def batched_meta_loss(
     reduction: str = "mean",
     randomness: str = "error",
     chunk_size: int | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """:func:`meta_loss` over a batch of tasks in one ``vmap``, ``params`` shared.
 
@@ -435,7 +450,7 @@ def batched_meta_loss(
 
     Args:
         loss, rule, params, query_loss, steps, state, buffers, hyperparameters,
-            first_order, truncate: as in :func:`meta_loss`.
+            first_order, truncate, recompute: as in :func:`meta_loss`.
         support: per-task support data: a tuple of tensors (or one tensor) of shape
             ``(tasks, ...)``.
         query: per-task query data, likewise.
@@ -470,6 +485,7 @@ def batched_meta_loss(
         "steps": steps,
         "first_order": first_order,
         "truncate": truncate,
+        "recompute": recompute,
     }
 
     def task_loss(

@@ -8,9 +8,11 @@ batched meta-loss from ``innerloop_ctx`` code's pieces (model, torch inner optim
 per-task loss).  Batch, layer and group norms run as decomposed tensor math so the batched
 meta-gradient is exact (:func:`exact_norms`).  :func:`compiled` compiles the whole
 meta-gradient; :func:`compiled_innerloop` compiles ``innerloop_ctx`` code.
+:func:`hypergradient_forward` gives hypergradients by forward mode (memory flat in steps).
 """
 
 from ._compile import CompileError, compiled, compiled_innerloop
+from ._forward import hypergradient_forward
 from ._inner_loop import (
     FunctionalModel,
     InnerLoop,
@@ -33,6 +35,7 @@ __all__ = [
     "compiled",
     "compiled_innerloop",
     "exact_norms",
+    "hypergradient_forward",
     "inner_loop",
     "meta_loss",
     "rule_from_optimizer",

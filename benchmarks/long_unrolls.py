@@ -1,0 +1,224 @@
+"""Long unrolls: peak memory and time of one meta-gradient against the number of inner steps.
+
+The workload of issue 14: float64, a tanh MLP 16-64-64-64-1, a batch of 2048 synthetic
+regression points, K inner Adam steps with a learned learning rate, one meta-backward (the
+meta-gradient of the query loss with respect to the starting weights and the learning rate).
+Methods:
+
+* ``plain``: ``higher_func.func.meta_loss`` (the whole unroll's graph is kept);
+* ``recompute``: the same with ``recompute=True`` (iterates stored, steps rebuilt);
+* ``forward``: ``torch.func.jvp`` of the same meta-loss in the learning rate (the
+  hypergradient of that one hyperparameter, no weight gradient);
+* ``first_order``: ``first_order=True`` (an approximation);
+* ``truncate``: ``truncate=10`` (an approximation: the last 10 steps only);
+* ``higher``: higher 0.2.1's ``innerloop_ctx`` with ``override={"lr": ...}``;
+* ``torchopt``: torchopt's ``MetaAdam`` (weight gradient only: no tensor learning rate).
+
+Each (method, steps) runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc
+otherwise lets freed activations pin the heap, and peak RSS grows even when live memory does
+not); the figure is that process's peak RSS (``ru_maxrss``) and the seconds of one
+meta-gradient after one warm-up at 2 steps.  ``--live`` measures live tensor bytes instead
+(a ``TorchDispatchMode`` that tracks storages; slower, so its times are not reported).
+
+    python benchmarks/long_unrolls.py                      # the full table (about 10 minutes)
+    python benchmarks/long_unrolls.py --steps 10,50 --methods plain,recompute
+    python benchmarks/long_unrolls.py --docs               # also rewrite docs/performance.md's
+                                                           # long-unroll section and chart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("plain", "recompute", "forward", "first_order", "truncate", "higher", "torchopt")
+STEPS = (10, 20, 50, 100, 200, 500, 1000)
+#: The most steps a method that keeps the whole graph may run here (about 12.6 MB a step).
+GRAPH_LIMIT = 200
+KEEPS_GRAPH = {"plain", "higher", "torchopt"}
+BATCH, WIDTH, FEATURES, LR, TRUNCATE = 2048, 64, 16, 1e-3, 10
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+def _problem() -> tuple[Any, ...]:
+    import torch
+
+    torch.manual_seed(0)
+    dtype = torch.float64
+    net = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, WIDTH),
+        torch.nn.Tanh(),
+        torch.nn.Linear(WIDTH, WIDTH),
+        torch.nn.Tanh(),
+        torch.nn.Linear(WIDTH, WIDTH),
+        torch.nn.Tanh(),
+        torch.nn.Linear(WIDTH, 1),
+    ).to(dtype)
+    x = torch.randn(2, BATCH, FEATURES, dtype=dtype)
+    y = torch.sin(x.sum(-1, keepdim=True))
+    return net, (x[0], y[0]), (x[1], y[1])
+
+
+def _runner(method: str) -> Any:
+    """A function ``steps -> None`` computing one meta-gradient with ``method``."""
+    import torch
+
+    import higher_func as hf
+
+    net, (xs, ys), (xq, yq) = _problem()
+    model = hf.func.FunctionalModel(net)
+
+    def mse(prediction: Any, target: Any) -> Any:
+        # Not F.mse_loss: its backward fails under torch.func.jvp ("ZeroTensors are immutable").
+        return ((prediction - target) ** 2).mean()
+
+    def loss(params: Any, x: Any, y: Any) -> Any:
+        return mse(model(params, None, x), y)
+
+    def hf_meta(steps: int, **options: Any) -> None:
+        theta = {k: v.detach().requires_grad_() for k, v in model.params.items()}
+        lr = torch.tensor(LR, dtype=torch.float64, requires_grad=True)
+        value = hf.func.meta_loss(
+            loss,
+            hf.optim.adam(lr=LR),
+            theta,
+            (xs, ys),
+            (xq, yq),
+            steps=steps,
+            hyperparameters={"lr": lr},
+            **options,
+        )
+        value.backward()
+
+    if method == "plain":
+        return hf_meta
+    if method == "recompute":
+        return lambda steps: hf_meta(steps, recompute=True)
+    if method == "first_order":
+        return lambda steps: hf_meta(steps, first_order=True)
+    if method == "truncate":
+        return lambda steps: hf_meta(steps, truncate=TRUNCATE)
+    if method == "forward":
+        theta = {k: v.detach() for k, v in model.params.items()}
+
+        def forward(steps: int) -> None:
+            def of_lr(lr: Any) -> Any:
+                rule = hf.optim.adam(lr=LR)
+                support, query = (xs, ys), (xq, yq)
+                hp = {"lr": lr}
+                return hf.func.meta_loss(
+                    loss, rule, theta, support, query, steps=steps, hyperparameters=hp
+                )
+
+            one = torch.ones((), dtype=torch.float64)
+            torch.func.jvp(of_lr, (torch.tensor(LR, dtype=torch.float64),), (one,))
+
+        return forward
+    if method == "higher":
+        import higher
+
+        def with_higher(steps: int) -> None:
+            lr = torch.tensor(LR, dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.Adam(net.parameters(), lr=LR)
+            with higher.innerloop_ctx(net, opt, override={"lr": [lr]}) as (fnet, diffopt):
+                for _ in range(steps):
+                    diffopt.step(mse(fnet(xs), ys))
+                mse(fnet(xq), yq).backward()
+
+        return with_higher
+    if method == "torchopt":
+        import copy
+
+        import torchopt
+
+        def with_torchopt(steps: int) -> None:
+            inner = copy.deepcopy(net)
+            opt = torchopt.MetaAdam(inner, lr=LR)
+            for _ in range(steps):
+                opt.step(mse(inner(xs), ys))
+            mse(inner(xq), yq).backward()
+
+        return with_torchopt
+    raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
+
+
+def _child(method: str, steps: int, live: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    run = _runner(method)
+    run(2)  # warm-up: imports, first-call caches
+    if live:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from live_memory import LiveTensorBytes
+
+        with LiveTensorBytes() as meter:
+            run(steps)
+        return {"peak_bytes": meter.peak}
+    start = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - start
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "s": seconds}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def measure(method: str, steps: int, live: bool = False) -> dict[str, Any]:
+    """One fresh process; ``{"peak_bytes", "s"}`` or ``{"error": ...}``."""
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, __file__, "--child", method, str(steps)] + (["--live"] * live)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def table(methods: list[str], steps: list[int], live: bool = False) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for method in methods:
+        for k in steps:
+            if method in KEEPS_GRAPH and k > GRAPH_LIMIT:
+                results[f"{method}/{k}"] = {"error": f"not run: over {GRAPH_LIMIT} steps"}
+                continue
+            results[f"{method}/{k}"] = measure(method, k, live)
+            print(method, k, results[f"{method}/{k}"], flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated")
+    parser.add_argument("--live", action="store_true", help="live tensor bytes, not peak RSS")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/long_unrolls.json")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child[0], int(args.child[1]), args.live)))
+        return
+    methods = args.methods.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    results = table(methods, steps, args.live)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"live": args.live, "results": results}, indent=1))
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
