@@ -33,6 +33,7 @@ import optree
 import torch
 from torch import Tensor
 
+from ._errors import unknown_override, unsupported_optimizer
 from ._rules._core import IMPLEMENTATION_FLAGS
 from ._rules._registry import (
     _BOOKKEEPING_KEYS,
@@ -156,8 +157,9 @@ class DifferentiableOptimizer(abc.ABC):
         reference = _checked_tensors("reference_params", reference_params)
         position = {id(t): k for k, t in enumerate(reference)}
         self._group_to_param_list = group_keys(other, position, "reference_params")
+        seeds = _seeds_from_defaults(other)
         self.param_groups: list[dict[str, Any]] = [
-            {**_snapshot_hyperparameters(group), "params": [None] * len(group["params"])}
+            {**_snapshot_hyperparameters(group), **seeds, "params": [None] * len(group["params"])}
             for group in other.param_groups
         ]
         self._num_params = len(reference)
@@ -375,6 +377,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._factory = rule_factory(torch_class)
         self._option_names = _option_names(self._factory)
         self._flat_grads: dict[int, Tensor | None] = {}  # per flat group, from _differentiate
+        self._overridden: set[str] = set()  # keys an override has set
         _check_options_supported(other, self._option_names)
         super().__init__(other, *args, **kwargs)
 
@@ -382,26 +385,59 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._rules: list[Any] = []
         self._rule_options: list[dict[str, Any]] = []
         self._states: list[Any] = []
-        for group, torch_group, indices in zip(
-            self.param_groups, other.param_groups, self._group_to_param_list, strict=True
+        #: Per group whose rule is not built yet: what its torch state import needs.
+        self._deferred: dict[int, _DeferredImport] = {}
+        for i, (group, torch_group, indices) in enumerate(
+            zip(self.param_groups, other.param_groups, self._group_to_param_list, strict=True)
         ):
             options = self._options(group)
-            rule = self._factory(**options)
-            self._rules.append(rule)
-            self._rule_options.append(options)
-            # A state torch filled when built (Adagrad's) is imported for parity, unless an
-            # option read at initialisation was overridden: then it must come from the override.
-            keep = _stepped_state if _init_option_overridden(rule, torch_group) else dict
             torch_states = {
-                k: keep(other.state.get(p, {}))
+                k: other.state.get(p, {})
                 for k, p in zip(indices, torch_group["params"], strict=True)
             }
-            state = None  # a fresh optimizer's state is built at the first step, like torch's
-            if any(torch_states.values()):
-                state = import_state(rule, {k: reference[k] for k in indices}, torch_states)
-                state = _positional(state, indices)
-                state = _move_state(state, self._device)
-            self._states.append(state)
+            deferred = _DeferredImport(
+                torch_group, torch_states, {k: reference[k] for k in indices}
+            )
+            try:
+                rule = self._factory(**options)
+            except (TypeError, ValueError) as error:
+                # torch.optim validates constructor arguments only: programs keep values in
+                # param_groups that they replace before every step (a log-scale weight
+                # decay of -16.0).  The step validates the values it uses, when it uses them;
+                # an override is asked for now, so a bad one fails now.
+                self._raise_if_override_is_bad(options, error)
+                rule = None
+                self._deferred[i] = deferred._replace(
+                    torch_group=dict(torch_group),
+                    torch_states={k: _copy_to(v, None) for k, v in torch_states.items()},
+                )
+            self._rules.append(rule)
+            self._rule_options.append(options)
+            self._states.append(None if rule is None else self._imported(rule, deferred))
+
+    def _raise_if_override_is_bad(self, options: dict[str, Any], error: Exception) -> None:
+        overridden = {k: v for k, v in options.items() if k in self._overridden}
+        if overridden:
+            try:
+                self._factory(**overridden)
+            except (TypeError, ValueError):
+                raise error from None
+
+    def _apply_override(self, override: Override) -> None:
+        super()._apply_override(override)
+        self._overridden.update(override)
+
+    def _imported(self, rule: Any, deferred: _DeferredImport) -> Any:
+        """A group's rule state from torch's (``None``: no state yet, built at the first
+        step, as torch does)."""
+        # A state torch filled when built (Adagrad's) is imported for parity, unless an
+        # option read at initialisation was overridden: then it must come from the override.
+        keep = _stepped_state if _init_option_overridden(rule, deferred.torch_group) else dict
+        torch_states = {k: keep(v) for k, v in deferred.torch_states.items()}
+        if not any(torch_states.values()):
+            return None
+        state = import_state(rule, deferred.params, torch_states)
+        return _move_state(_positional(state, list(deferred.params)), self._device)
 
     @property
     def state(self) -> list[dict[int, dict[str, Tensor]]]:  # type: ignore[override]
@@ -414,10 +450,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
     def _check_override_key(self, key: str) -> None:
         if key not in self._option_names:
-            raise ValueError(
-                f"override has key {key!r}, which is not a hyperparameter of "
-                f"{type(self).__name__}; valid keys are {sorted(self._option_names)}."
-            )
+            raise unknown_override(type(self).__name__, key, self._option_names)
 
     def _options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in group.items() if k in self._option_names}
@@ -489,13 +522,16 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         return list(views)
 
     def _current_rule(self, i: int, group: Mapping[str, Any]) -> Any:
-        """Group ``i``'s rule and state, rebuilt if its hyperparameters changed."""
-        built, state = self._rule_options[i], self._states[i]
-        if all(group.get(k) is v for k, v in built.items()):
-            return self._rules[i], state
+        """Group ``i``'s rule and state, rebuilt (and validated) if its hyperparameters
+        changed or its rule could not be built from the torch optimizer's values."""
+        built, state, previous = self._rule_options[i], self._states[i], self._rules[i]
+        if previous is not None and all(group.get(k) is v for k, v in built.items()):
+            return previous, state
         options = self._options(group)
         rule = self._factory(**options)
-        if state is not None and _fields(rule) != _fields(self._rules[i]):
+        if previous is None:
+            state = self._imported(rule, self._deferred.pop(i))
+        elif state is not None and _fields(rule) != _fields(previous):
             state = _refit_state(_unflattened(state), rule.init(list(group["params"])))
         self._rules[i], self._rule_options[i], self._states[i] = rule, options, state
         return rule, state
@@ -850,18 +886,16 @@ def register_optim(
 
 
 def _diff_class(optimizer_class: type) -> type[DifferentiableOptimizer]:
-    """The class registered for exactly ``optimizer_class`` (a subclass may change the math)."""
-    if optimizer_class in _DIFF_OPTIMIZERS:
-        return _DIFF_OPTIMIZERS[optimizer_class]
-    if optimizer_class in supported_optimizers():
-        return DifferentiableRuleOptimizer
-    names = ", ".join(sorted({k.__name__ for k in (*_DIFF_OPTIMIZERS, *supported_optimizers())}))
-    raise ValueError(
-        f"Optimizer type {optimizer_class.__name__} is not supported. Supported: {names}. "
-        f"Register a differentiable class with higher_func.register_optim("
-        f"{optimizer_class.__name__}, MyDifferentiableClass), or a pure rule with "
-        f"higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
-    )
+    """The class for ``optimizer_class``: that of its nearest base (in method resolution
+    order) with a differentiable class or a rule registered, as :func:`rule_factory` finds
+    rules, so ``class MyAdam(torch.optim.Adam)`` gets Adam's."""
+    rules = supported_optimizers()
+    for klass in optimizer_class.__mro__:
+        if klass in _DIFF_OPTIMIZERS:
+            return _DIFF_OPTIMIZERS[klass]
+        if klass in rules:
+            return DifferentiableRuleOptimizer
+    raise unsupported_optimizer(optimizer_class, {*_DIFF_OPTIMIZERS, *rules})
 
 
 # --------------------------------------------------------------------------- learnable options
@@ -1015,6 +1049,22 @@ def _snapshot_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Options torch reads from ``optimizer.defaults``, never from the group, when it creates
+#: a parameter's state: Adagrad seeds every accumulator from its constructor argument, also
+#: in a group added by ``add_param_group(..., initial_accumulator_value=...)``.
+_SEEDED_FROM_DEFAULTS: dict[type, tuple[str, ...]] = {
+    torch.optim.Adagrad: ("initial_accumulator_value",)
+}
+
+
+def _seeds_from_defaults(other: torch.optim.Optimizer) -> dict[str, Any]:
+    """The values every group of the diffopt takes from ``other.defaults`` (as torch does)."""
+    for klass, keys in _SEEDED_FROM_DEFAULTS.items():
+        if isinstance(other, klass):
+            return {k: other.defaults[k] for k in keys if k in other.defaults}
+    return {}
+
+
 #: Hyperparameter values that hold no tensor (kept as they are, without a tree walk).
 _PLAIN_VALUES = frozenset({type(None), bool, int, float, str})
 
@@ -1163,6 +1213,14 @@ def _refit_state(state: Any, fresh: Any) -> Any:
             if getattr(state, f) is None and getattr(fresh, f) is not None
         }
     )
+
+
+class _DeferredImport(NamedTuple):
+    """What importing a group's torch state needs (its rule is built at the first step)."""
+
+    torch_group: Mapping[str, Any]
+    torch_states: dict[int, Mapping[str, Any]]
+    params: dict[int, Tensor]
 
 
 # --------------------------------------------------------------------------- flat groups

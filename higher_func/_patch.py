@@ -426,10 +426,12 @@ class _Core:
             return self.history[-1]
         if not isinstance(time, int) or isinstance(time, bool):
             raise TypeError(f"time must be an int or None, got {type(time).__name__}.")
-        if not self.track and time != -1:
+        if not self.track and time not in (-1, 0):
+            # higher's semantics: untracked, the history is one entry, both time 0 and -1.
             raise ValueError(
                 f"time={time} was requested but the fmodel is not tracking higher gradients, "
-                "so only the latest weights exist; use time=None, or track_higher_grads=True."
+                "so only the latest weights exist (time=0, -1 or None); pass one of those, "
+                "or track_higher_grads=True."
             )
         if not -len(self.history) <= time < len(self.history):
             raise IndexError(
@@ -510,8 +512,10 @@ class _StatelessBase(nn.Module):
             recurse: kept for ``torch.nn.Module`` compatibility; ``False`` yields only the
                 parameters owned directly by this module.
             time: ``None`` (or ``-1``) for the latest weights, ``0`` for the initial ones,
-                ``k`` for those after ``k`` recorded updates. When not tracking higher
-                gradients only the latest exist and other times raise ``ValueError``.
+                ``k`` for those after ``k`` recorded updates (``IndexError`` past the end).
+                When not tracking higher gradients the history is the latest weights only,
+                as in ``higher``: ``0``, ``-1`` and ``None`` all return them and any other
+                time raises ``ValueError``.
         """
         return (value for _, value in self._named(recurse, time))
 

@@ -19,6 +19,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .._errors import unknown_override
 from ._tensor_list import TensorList, can_batch, is_number
 
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
@@ -211,10 +212,8 @@ class Rule:
             return self.hyperparameters
         for key in overrides:
             if key not in self.spec.defaults:
-                raise TypeError(
-                    f"{self.name}.step() got an unknown hyperparameter override {key!r}; "
-                    f"valid names are {sorted(set(self.spec.defaults) - self.spec.static)}."
-                )
+                valid = set(self.spec.defaults) - self.spec.static
+                raise unknown_override(f"{self.name}.step()", key, valid)
             if key in self.spec.init_only:
                 raise TypeError(
                     f"{self.name}.step() cannot override {key!r}: only init() reads it. "

@@ -9,6 +9,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from .._errors import unsupported_optimizer
 from . import _factories as f
 from ._core import Rule, _assemble_state
 
@@ -73,11 +74,7 @@ def rule_factory(optimizer_class: type) -> RuleFactory:
     for klass in optimizer_class.__mro__:
         if klass in _REGISTRY:
             return _REGISTRY[klass]
-    names = ", ".join(sorted(k.__name__ for k in _REGISTRY))
-    raise TypeError(
-        f"No differentiable rule for {optimizer_class.__name__}. Supported: {names}. "
-        f"Register one with higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
-    )
+    raise unsupported_optimizer(optimizer_class, _REGISTRY)
 
 
 def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
