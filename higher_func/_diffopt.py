@@ -33,6 +33,13 @@ import optree
 import torch
 from torch import Tensor
 
+from ._dropin_checks import (
+    check_like_params,
+    check_no_shared_parameter,
+    check_scalar_loss,
+    check_some_gradient,
+    detached_deepcopy,
+)
 from ._errors import unknown_override, unsupported_optimizer
 from ._rules._core import IMPLEMENTATION_FLAGS
 from ._rules._registry import (
@@ -157,6 +164,7 @@ class DifferentiableOptimizer(abc.ABC):
         reference = _checked_tensors("reference_params", reference_params)
         position = {id(t): k for k, t in enumerate(reference)}
         self._group_to_param_list = group_keys(other, position, "reference_params")
+        check_no_shared_parameter(self._group_to_param_list)
         seeds = _seeds_from_defaults(other)
         self.param_groups: list[dict[str, Any]] = [
             {**_snapshot_hyperparameters(group), **seeds, "params": [None] * len(group["params"])}
@@ -224,7 +232,7 @@ class DifferentiableOptimizer(abc.ABC):
         found = self._differentiate(loss, params, callback is None)
         grads: Sequence[Tensor | None] = found
         if callback is not None:
-            grads = _checked_callback_grads(callback(found), len(params))
+            grads = _checked_callback_grads(callback(found), params)
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             group["params"] = [params[k] for k in indices]
@@ -248,6 +256,12 @@ class DifferentiableOptimizer(abc.ABC):
         """The gradients of ``loss`` for ``params`` (``exact``: no callback changes them)."""
         del exact
         return _gradients(loss, params, self._track_higher_grads)[0]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A detached snapshot (state and hyperparameter tensors detached, same
+        ``requires_grad``), with a detached copy of its fmodel, as ``copy.deepcopy(fmodel)``
+        gives; copied together with its fmodel, the copies stay linked."""
+        return detached_deepcopy(self, memo)
 
     # ------------------------------------------------------------------ overridable hooks
 
@@ -1126,6 +1140,7 @@ def _gradients(
     trainable ``params`` are views of)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a scalar torch.Tensor, got {type(loss).__name__}.")
+    check_scalar_loss(loss)
     trainable = [k for k, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(params)
     if not trainable:
@@ -1143,21 +1158,23 @@ def _gradients(
     )
     for k, g in zip(trainable, found, strict=False):
         grads[k] = g
+    check_some_gradient(grads)
     return tuple(grads), list(found[len(trainable) :])
 
 
-def _checked_callback_grads(grads: Any, count: int) -> list[Tensor | None]:
+def _checked_callback_grads(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
     if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
         raise TypeError(
             f"grad_callback must return a sequence of gradients (tensors or None), got "
             f"{type(grads).__name__}."
         )
     result = list(grads)
-    if len(result) != count:
+    if len(result) != len(params):
         raise ValueError(
-            f"grad_callback returned {len(result)} gradients for {count} parameters; return "
-            f"one per parameter (None to leave a parameter unchanged)."
+            f"grad_callback returned {len(result)} gradients for {len(params)} parameters; "
+            f"return one per parameter (None to leave a parameter unchanged)."
         )
+    check_like_params("grad_callback's result", result, params)
     return result
 
 

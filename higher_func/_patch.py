@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._dropin_checks import warn_parameters_in_plain_containers
+
 __all__ = [
     "FunctionalModule",
     "FunctionalSubmodule",
@@ -136,6 +138,12 @@ def _check_tensor(value: Any, name: str, reference: Tensor, what: str) -> Tensor
             f"{what}: the fast weight for parameter '{name}' is on {value.device} but the "
             f"fmodel's weights are on {reference.device}. Move it with .to('{reference.device}') "
             "or build the fmodel with monkeypatch(model, device=...)."
+        )
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"{what}: the fast weight for parameter '{name}' has shape {tuple(value.shape)} but "
+            f"the parameter has shape {tuple(reference.shape)}. Pass one tensor shaped like "
+            "each parameter, in fmodel.param_names order (fmodel.fast_params shows them)."
         )
     return value
 
@@ -366,6 +374,7 @@ def _build(
     """Copy ``module``'s structure with ``initial(p)`` in every parameter slot."""
     _check_module(module)
     walk = _walk(module)
+    warn_parameters_in_plain_containers(walk)
     memo: dict[int, Any] = {}
     for name, _, _, param in _occurrences(walk):
         if id(param) not in memo:
