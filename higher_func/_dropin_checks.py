@@ -124,7 +124,8 @@ def detached_deepcopy(obj: Any, memo: dict[int, Any]) -> Any:
     if id(obj) in memo:
         return memo[id(obj)]
     _seed(obj.__dict__, memo, set())
-    clone = type(obj).__new__(type(obj))
+    cls: type = type(obj)
+    clone = object.__new__(cls)
     memo[id(obj)] = clone
     for key, value in obj.__dict__.items():
         object.__setattr__(clone, key, copy.deepcopy(value, memo))
