@@ -125,7 +125,7 @@ def detached_deepcopy(obj: Any, memo: dict[int, Any]) -> Any:
         return memo[id(obj)]
     _seed(obj.__dict__, memo, set())
     cls: type = type(obj)
-    clone = object.__new__(cls)
+    clone: Any = object.__new__(cls)
     memo[id(obj)] = clone
     for key, value in obj.__dict__.items():
         object.__setattr__(clone, key, copy.deepcopy(value, memo))
