@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 from typing import Any
 
 import pytest
@@ -359,3 +360,220 @@ def test_an_unknown_override_is_the_same_error_everywhere():
     diffopt = hf.get_diff_optim(opt, model.parameters())
     with pytest.raises(TypeError, match=r"^DifferentiableSGD " + message):
         diffopt.step(mse(model(x), y), params=list(model.parameters()), override={"lrr": [0.2]})
+
+
+# --------------------------------------------------------------------------- misuse
+
+
+def test_grad_callback_returning_wrong_shapes_is_a_clear_error():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with hf.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(
+            ValueError,
+            match=r"grad_callback's result\[0\] has shape \(\) but parameter 0 has shape \(4, 3\)",
+        ):
+            diffopt.step(mse(fmodel(x), y), grad_callback=lambda gs: [g.sum() for g in gs])
+        with pytest.raises(TypeError, match=r"grad_callback's result\[1\] must be a torch.Tensor"):
+            diffopt.step(mse(fmodel(x), y), grad_callback=lambda gs: [gs[0], 1.0, *gs[2:]])
+
+
+@pytest.mark.parametrize("how", ["update_params", "fast_params", "forward"])
+def test_fast_weights_of_the_wrong_shape_are_a_clear_error(how):
+    fmodel, (x, _) = hf.monkeypatch(mlp()), data()
+    wrong = [p.reshape(-1) for p in fmodel.fast_params]  # same numbers, flattened
+    message = r"fast weight for parameter '0.weight' has shape \(12,\) but the parameter has "
+    with pytest.raises(ValueError, match=message + r"shape \(4, 3\)"):
+        if how == "update_params":
+            fmodel.update_params(wrong)
+        elif how == "fast_params":
+            fmodel.fast_params = wrong
+        else:
+            fmodel(x, params=wrong)
+
+
+@pytest.mark.parametrize("copy_initial_weights", [True, False])
+def test_a_loss_from_the_original_model_is_a_clear_error(copy_initial_weights):
+    """The classic: ``model(x)`` instead of ``fmodel(x)`` made the step a silent no-op."""
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    context = hf.innerloop_ctx(model, opt, copy_initial_weights=copy_initial_weights)
+    message = r"instead of the functional one \(fmodel\(x\)\)"
+    with context as (_, diffopt), pytest.raises(ValueError, match=message):
+        diffopt.step(mse(model(x), y))
+
+
+def test_a_non_scalar_loss_is_a_clear_error():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    message = r"loss must be a scalar.*shape \(6, 1\).*\.mean\(\)"
+    with (
+        hf.innerloop_ctx(model, opt) as (fmodel, diffopt),
+        pytest.raises(ValueError, match=message),
+    ):
+        diffopt.step((fmodel(x) - y) ** 2)
+
+
+def test_copy_initial_weights_puts_the_meta_gradient_on_the_initial_fast_weights():
+    """higher's default: the model's .grad stays empty; the documented check
+    (docs/migrating-from-higher.md) finds the meta-gradient on init_fast_params."""
+    grads = {}
+    for copy_initial_weights in (True, False):
+        model, (x, y) = mlp(), data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with hf.innerloop_ctx(model, opt, copy_initial_weights=copy_initial_weights) as (
+            fmodel,
+            diffopt,
+        ):
+            for _ in range(2):
+                diffopt.step(mse(fmodel(x), y))
+            mse(fmodel(x), y).backward()
+            initial = fmodel.init_fast_params[0]
+            grads[copy_initial_weights] = (
+                model[0].weight.grad,
+                initial.grad if initial.is_leaf else None,
+            )
+    assert grads[True][0] is None  # higher's semantics, kept
+    assert grads[False][0] is not None
+    torch.testing.assert_close(grads[True][1], grads[False][0], rtol=TOL, atol=0)
+
+
+def test_a_deep_copy_of_a_stepped_diffopt_continues_like_the_original():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with hf.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(mse(fmodel(x), y))
+        fmodel_copy, diffopt_copy = copy.deepcopy((fmodel, diffopt))
+        lone_copy = copy.deepcopy(diffopt)
+        assert diffopt_copy._fmodel is fmodel_copy  # copied together, still linked
+        assert lone_copy._fmodel is not fmodel
+        expected = diffopt.step(mse(fmodel(x), y))
+        continued = diffopt_copy.step(mse(fmodel_copy(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(continued, expected, strict=True))
+    # A detached snapshot: the copy's steps do not reach the original's initial weights.
+    initial = fmodel.init_fast_params
+    reached = torch.autograd.grad(continued[0].sum(), initial, allow_unused=True)
+    assert all(g is None for g in reached)
+    assert torch.autograd.grad(expected[0].sum(), initial[0]) is not None
+
+
+def test_the_same_parameter_in_two_groups_is_a_clear_error():
+    model = mlp()
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    opt.param_groups[1]["params"].append(model[0].weight)  # torch would step it twice
+    with pytest.raises(
+        ValueError,
+        match=r"param_groups\[1\]\['params'\]\[2\] is the same tensor as "
+        r"param_groups\[0\]\['params'\]\[0\].*torch.optim would update it twice",
+    ):
+        hf.get_diff_optim(opt, model.parameters())
+
+
+class PlainListNet(nn.Module):
+    def __init__(self, registered: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+        layers = [self.first, self.second]
+        self.weights = nn.ParameterList([m.weight for m in layers]) if registered else None
+        if not registered:
+            self.weights = [m.weight for m in layers]  # a plain list: goes stale in an fmodel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(nn.functional.linear(x, self.weights[0], self.first.bias))
+        return nn.functional.linear(hidden, self.weights[1], self.second.bias)
+
+
+def test_a_parameter_held_in_a_plain_list_is_detected_at_set_up():
+    with pytest.warns(
+        UserWarning,
+        match=r"model\.weights holds the parameter 'first\.weight' in a plain Python list.*"
+        r"nn\.ParameterList",
+    ):
+        hf.monkeypatch(PlainListNet(registered=False))
+
+
+def test_the_documented_fix_for_a_plain_list_gives_torchs_numbers():
+    model, (x, y) = PlainListNet(registered=True), data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix: no warning
+        context = hf.innerloop_ctx(model, opt)
+        fmodel, diffopt = context.__enter__()
+    for _ in range(3):
+        diffopt.step(mse(fmodel(x), y))
+    latest = fmodel(x)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(latest, model(x), rtol=TOL, atol=0)
+
+
+def test_adagrad_group_added_later_is_seeded_like_torch():
+    """torch seeds every accumulator from the constructor's initial_accumulator_value, also
+    in a group added with its own (which torch ignores)."""
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = mlp()
+        opt = torch.optim.Adagrad(model[0].parameters(), lr=0.1, initial_accumulator_value=0.1)
+        opt.add_param_group({"params": model[2].parameters(), "initial_accumulator_value": 0.5})
+        return model, opt
+
+    (x, y), (model, opt) = data(), build()
+    with hf.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x), y))
+    model, opt = build()
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    for a, b in zip(fmodel.fast_params, model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=0)
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+class AutocastNet(nn.Module):
+    """float32 weights, the forward under bfloat16 autocast (CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.body(x)
+        return out.float()
+
+
+def test_bf16_autocast_in_the_model_gives_the_functional_reference_meta_gradient():
+    model, (x, y) = AutocastNet(), data()
+    x, y = x.float(), y.float()
+    lr, steps = 0.1, 3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with hf.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(mse(fmodel(x), y))
+        assert fmodel(x).dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in fmodel.fast_params)
+        (meta_grad,) = torch.autograd.grad(mse(fmodel(x), y), [model.body[0].weight])
+
+    # The reference: the same unroll by hand with functional_call, under the same autocast;
+    # the update is the pure rule (whose float32 arithmetic the rule tests pin).
+    names = [name for name, _ in model.named_parameters()]
+    rule = hf.optim.sgd(lr=lr)
+    params = dict(model.named_parameters())
+    state = rule.init(params)
+    for _ in range(steps):
+        loss = mse(functional_call(model, params, (x,)), y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params, state = rule.step(params, dict(zip(names, grads, strict=True)), state)
+    query = mse(functional_call(model, params, (x,)), y)
+    (expected,) = torch.autograd.grad(query, [model.body[0].weight])
+    assert meta_grad.dtype == torch.float32 and meta_grad.abs().sum() > 0
+    torch.testing.assert_close(meta_grad, expected, rtol=0, atol=0)
