@@ -577,3 +577,56 @@ def test_bf16_autocast_in_the_model_gives_the_functional_reference_meta_gradient
     (expected,) = torch.autograd.grad(query, [model.body[0].weight])
     assert meta_grad.dtype == torch.float32 and meta_grad.abs().sum() > 0
     torch.testing.assert_close(meta_grad, expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- error inputs
+
+#: (torch class, option, invalid value): rows run through torch.optim's constructor, the
+#: pure rule's factory and the drop-in step (the value written into param_groups first).
+ERROR_INPUTS = [
+    (torch.optim.SGD, "lr", -0.1),
+    (torch.optim.SGD, "momentum", -0.5),
+    (torch.optim.SGD, "weight_decay", -16.0),
+    (torch.optim.Adam, "lr", -1.0),
+    (torch.optim.Adam, "eps", -1e-8),
+    (torch.optim.Adam, "betas", (1.0, 0.999)),
+    (torch.optim.Adam, "betas", (0.9, -0.1)),
+    (torch.optim.Adam, "weight_decay", -0.1),
+    (torch.optim.AdamW, "weight_decay", -0.1),
+    (torch.optim.Adagrad, "lr_decay", -0.1),
+    (torch.optim.Adagrad, "eps", -1.0),
+    (torch.optim.Adadelta, "rho", 1.5),
+    (torch.optim.Adamax, "betas", (0.9, 1.0)),
+    (torch.optim.RMSprop, "alpha", -0.99),
+    (torch.optim.RMSprop, "momentum", -0.1),
+    (torch.optim.Rprop, "etas", (1.5, 2.0)),
+    (torch.optim.NAdam, "momentum_decay", -0.1),
+    (torch.optim.RAdam, "eps", -1.0),
+    (torch.optim.ASGD, "weight_decay", -1.0),
+]
+
+
+def raised(attempt: Any) -> tuple[type, str]:
+    try:
+        attempt()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    raise AssertionError("no error was raised")
+
+
+@pytest.mark.parametrize(
+    ("torch_class", "key", "value"),
+    ERROR_INPUTS,
+    ids=[f"{c.__name__}-{k}-{v}" for c, k, v in ERROR_INPUTS],
+)
+def test_an_invalid_hyperparameter_is_torchs_error_through_every_entry_point(
+    torch_class, key, value
+):
+    model, (x, y) = mlp(), data()
+    expected = raised(lambda: torch_class(model.parameters(), **{key: value}))
+    factory = hf_optim.rule_factory(torch_class)
+    assert raised(lambda: factory(**{key: value})) == expected
+    opt = torch_class(model.parameters())
+    opt.param_groups[0][key] = value  # torch.optim itself accepts this until it steps
+    with hf.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert raised(lambda: diffopt.step(mse(fmodel(x), y))) == expected
