@@ -41,6 +41,7 @@ from ._dropin_checks import (
     detached_deepcopy,
 )
 from ._errors import unknown_override, unsupported_optimizer
+from ._from_torch import DeferredImport, seeds_from_defaults
 from ._rules._core import IMPLEMENTATION_FLAGS
 from ._rules._registry import (
     _BOOKKEEPING_KEYS,
@@ -165,7 +166,7 @@ class DifferentiableOptimizer(abc.ABC):
         position = {id(t): k for k, t in enumerate(reference)}
         self._group_to_param_list = group_keys(other, position, "reference_params")
         check_no_shared_parameter(self._group_to_param_list)
-        seeds = _seeds_from_defaults(other)
+        seeds = seeds_from_defaults(other)
         self.param_groups: list[dict[str, Any]] = [
             {**_snapshot_hyperparameters(group), **seeds, "params": [None] * len(group["params"])}
             for group in other.param_groups
@@ -400,7 +401,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._rule_options: list[dict[str, Any]] = []
         self._states: list[Any] = []
         #: Per group whose rule is not built yet: what its torch state import needs.
-        self._deferred: dict[int, _DeferredImport] = {}
+        self._deferred: dict[int, DeferredImport] = {}
         for i, (group, torch_group, indices) in enumerate(
             zip(self.param_groups, other.param_groups, self._group_to_param_list, strict=True)
         ):
@@ -409,9 +410,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 k: other.state.get(p, {})
                 for k, p in zip(indices, torch_group["params"], strict=True)
             }
-            deferred = _DeferredImport(
-                torch_group, torch_states, {k: reference[k] for k in indices}
-            )
+            deferred = DeferredImport(torch_group, torch_states, {k: reference[k] for k in indices})
             try:
                 rule = self._factory(**options)
             except (TypeError, ValueError) as error:
@@ -441,7 +440,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         super()._apply_override(override)
         self._overridden.update(override)
 
-    def _imported(self, rule: Any, deferred: _DeferredImport) -> Any:
+    def _imported(self, rule: Any, deferred: DeferredImport) -> Any:
         """A group's rule state from torch's (``None``: no state yet, built at the first
         step, as torch does)."""
         # A state torch filled when built (Adagrad's) is imported for parity, unless an
@@ -1063,22 +1062,6 @@ def _snapshot_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-#: Options torch reads from ``optimizer.defaults``, never from the group, when it creates
-#: a parameter's state: Adagrad seeds every accumulator from its constructor argument, also
-#: in a group added by ``add_param_group(..., initial_accumulator_value=...)``.
-_SEEDED_FROM_DEFAULTS: dict[type, tuple[str, ...]] = {
-    torch.optim.Adagrad: ("initial_accumulator_value",)
-}
-
-
-def _seeds_from_defaults(other: torch.optim.Optimizer) -> dict[str, Any]:
-    """The values every group of the diffopt takes from ``other.defaults`` (as torch does)."""
-    for klass, keys in _SEEDED_FROM_DEFAULTS.items():
-        if isinstance(other, klass):
-            return {k: other.defaults[k] for k in keys if k in other.defaults}
-    return {}
-
-
 #: Hyperparameter values that hold no tensor (kept as they are, without a tree walk).
 _PLAIN_VALUES = frozenset({type(None), bool, int, float, str})
 
@@ -1230,14 +1213,6 @@ def _refit_state(state: Any, fresh: Any) -> Any:
             if getattr(state, f) is None and getattr(fresh, f) is not None
         }
     )
-
-
-class _DeferredImport(NamedTuple):
-    """What importing a group's torch state needs (its rule is built at the first step)."""
-
-    torch_group: Mapping[str, Any]
-    torch_states: dict[int, Mapping[str, Any]]
-    params: dict[int, Tensor]
 
 
 # --------------------------------------------------------------------------- flat groups
