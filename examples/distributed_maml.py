@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -150,15 +151,32 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, history = meta_train(args, rank, world_size, device)
         if rank == 0:
-            print(f"{world_size} process(es), {args.tasks} tasks per meta-batch")
-            shown = {*range(0, len(history), max(1, len(history) // 6)), len(history) - 1}
-            for i in sorted(shown):
-                print(f"meta-step {i:4d}  meta-loss (mean over tasks) {history[i]:.4f}")
-            if args.save:
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.save)
+            report(args, world_size, model, history)
+        shut_down()
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # only after an error: shut_down destroyed the group
             dist.destroy_process_group()
+
+
+def report(args: argparse.Namespace, world_size: int, model: nn.Module, history: list) -> None:
+    """Print the meta-loss curve and save the meta-parameters (rank 0 only)."""
+    print(f"{world_size} process(es), {args.tasks} tasks per meta-batch")
+    shown = {*range(0, len(history), max(1, len(history) // 6)), len(history) - 1}
+    for i in sorted(shown):
+        print(f"meta-step {i:4d}  meta-loss (mean over tasks) {history[i]:.4f}")
+    if args.save:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.save)
+    sys.stdout.flush()
+
+
+def shut_down() -> None:
+    """Leave the process group together: no rank destroys it (and exits) while another still
+    uses it, e.g. while rank 0 writes its results.  A rank that left early used to abort at
+    teardown ("terminate called without an active exception") on a loaded machine."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # every rank has finished its work, rank 0 its report
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

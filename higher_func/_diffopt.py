@@ -33,6 +33,15 @@ import optree
 import torch
 from torch import Tensor
 
+from ._dropin_checks import (
+    check_like_params,
+    check_no_shared_parameter,
+    check_scalar_loss,
+    check_some_gradient,
+    detached_deepcopy,
+)
+from ._errors import unknown_override, unsupported_optimizer
+from ._from_torch import DeferredImport, seeds_from_defaults
 from ._rules._core import IMPLEMENTATION_FLAGS
 from ._rules._registry import (
     _BOOKKEEPING_KEYS,
@@ -156,8 +165,10 @@ class DifferentiableOptimizer(abc.ABC):
         reference = _checked_tensors("reference_params", reference_params)
         position = {id(t): k for k, t in enumerate(reference)}
         self._group_to_param_list = group_keys(other, position, "reference_params")
+        check_no_shared_parameter(self._group_to_param_list)
+        seeds = seeds_from_defaults(other)
         self.param_groups: list[dict[str, Any]] = [
-            {**_snapshot_hyperparameters(group), "params": [None] * len(group["params"])}
+            {**_snapshot_hyperparameters(group), **seeds, "params": [None] * len(group["params"])}
             for group in other.param_groups
         ]
         self._num_params = len(reference)
@@ -222,7 +233,7 @@ class DifferentiableOptimizer(abc.ABC):
         found = self._differentiate(loss, params, callback is None)
         grads: Sequence[Tensor | None] = found
         if callback is not None:
-            grads = _checked_callback_grads(callback(found), len(params))
+            grads = _checked_callback_grads(callback(found), params)
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             group["params"] = [params[k] for k in indices]
@@ -246,6 +257,12 @@ class DifferentiableOptimizer(abc.ABC):
         """The gradients of ``loss`` for ``params`` (``exact``: no callback changes them)."""
         del exact
         return _gradients(loss, params, self._track_higher_grads)[0]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A detached snapshot (state and hyperparameter tensors detached, same
+        ``requires_grad``), with a detached copy of its fmodel, as ``copy.deepcopy(fmodel)``
+        gives; copied together with its fmodel, the copies stay linked."""
+        return detached_deepcopy(self, memo)
 
     # ------------------------------------------------------------------ overridable hooks
 
@@ -375,6 +392,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._factory = rule_factory(torch_class, arithmetic="higher")
         self._option_names = _option_names(self._factory)
         self._flat_grads: dict[int, Tensor | None] = {}  # per flat group, from _differentiate
+        self._overridden: set[str] = set()  # keys an override has set
         _check_options_supported(other, self._option_names)
         super().__init__(other, *args, **kwargs)
 
@@ -382,26 +400,57 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._rules: list[Any] = []
         self._rule_options: list[dict[str, Any]] = []
         self._states: list[Any] = []
-        for group, torch_group, indices in zip(
-            self.param_groups, other.param_groups, self._group_to_param_list, strict=True
+        #: Per group whose rule is not built yet: what its torch state import needs.
+        self._deferred: dict[int, DeferredImport] = {}
+        for i, (group, torch_group, indices) in enumerate(
+            zip(self.param_groups, other.param_groups, self._group_to_param_list, strict=True)
         ):
             options = self._options(group)
-            rule = self._factory(**options)
-            self._rules.append(rule)
-            self._rule_options.append(options)
-            # A state torch filled when built (Adagrad's) is imported for parity, unless an
-            # option read at initialisation was overridden: then it must come from the override.
-            keep = _stepped_state if _init_option_overridden(rule, torch_group) else dict
             torch_states = {
-                k: keep(other.state.get(p, {}))
+                k: other.state.get(p, {})
                 for k, p in zip(indices, torch_group["params"], strict=True)
             }
-            state = None  # a fresh optimizer's state is built at the first step, like torch's
-            if any(torch_states.values()):
-                state = import_state(rule, {k: reference[k] for k in indices}, torch_states)
-                state = _positional(state, indices)
-                state = _move_state(state, self._device)
-            self._states.append(state)
+            deferred = DeferredImport(torch_group, torch_states, {k: reference[k] for k in indices})
+            try:
+                rule = self._factory(**options)
+            except (TypeError, ValueError) as error:
+                # torch.optim validates constructor arguments only: programs keep values in
+                # param_groups that they replace before every step (a log-scale weight
+                # decay of -16.0).  The step validates the values it uses, when it uses them;
+                # an override is asked for now, so a bad one fails now.
+                self._raise_if_override_is_bad(options, error)
+                rule = None
+                self._deferred[i] = deferred._replace(
+                    torch_group=dict(torch_group),
+                    torch_states={k: _copy_to(v, None) for k, v in torch_states.items()},
+                )
+            self._rules.append(rule)
+            self._rule_options.append(options)
+            self._states.append(None if rule is None else self._imported(rule, deferred))
+
+    def _raise_if_override_is_bad(self, options: dict[str, Any], error: Exception) -> None:
+        overridden = {k: v for k, v in options.items() if k in self._overridden}
+        if overridden:
+            try:
+                self._factory(**overridden)
+            except (TypeError, ValueError):
+                raise error from None
+
+    def _apply_override(self, override: Override) -> None:
+        super()._apply_override(override)
+        self._overridden.update(override)
+
+    def _imported(self, rule: Any, deferred: DeferredImport) -> Any:
+        """A group's rule state from torch's (``None``: no state yet, built at the first
+        step, as torch does)."""
+        # A state torch filled when built (Adagrad's) is imported for parity, unless an
+        # option read at initialisation was overridden: then it must come from the override.
+        keep = _stepped_state if _init_option_overridden(rule, deferred.torch_group) else dict
+        torch_states = {k: keep(v) for k, v in deferred.torch_states.items()}
+        if not any(torch_states.values()):
+            return None
+        state = import_state(rule, deferred.params, torch_states)
+        return _move_state(_positional(state, list(deferred.params)), self._device)
 
     @property
     def state(self) -> list[dict[int, dict[str, Tensor]]]:  # type: ignore[override]
@@ -414,10 +463,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
     def _check_override_key(self, key: str) -> None:
         if key not in self._option_names:
-            raise ValueError(
-                f"override has key {key!r}, which is not a hyperparameter of "
-                f"{type(self).__name__}; valid keys are {sorted(self._option_names)}."
-            )
+            raise unknown_override(type(self).__name__, key, self._option_names)
 
     def _options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in group.items() if k in self._option_names}
@@ -489,13 +535,16 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         return list(views)
 
     def _current_rule(self, i: int, group: Mapping[str, Any]) -> Any:
-        """Group ``i``'s rule and state, rebuilt if its hyperparameters changed."""
-        built, state = self._rule_options[i], self._states[i]
-        if all(group.get(k) is v for k, v in built.items()):
-            return self._rules[i], state
+        """Group ``i``'s rule and state, rebuilt (and validated) if its hyperparameters
+        changed or its rule could not be built from the torch optimizer's values."""
+        built, state, previous = self._rule_options[i], self._states[i], self._rules[i]
+        if previous is not None and all(group.get(k) is v for k, v in built.items()):
+            return previous, state
         options = self._options(group)
         rule = self._factory(**options)
-        if state is not None and _fields(rule) != _fields(self._rules[i]):
+        if previous is None:
+            state = self._imported(rule, self._deferred.pop(i))
+        elif state is not None and _fields(rule) != _fields(previous):
             state = _refit_state(_unflattened(state), rule.init(list(group["params"])))
         self._rules[i], self._rule_options[i], self._states[i] = rule, options, state
         return rule, state
@@ -850,18 +899,16 @@ def register_optim(
 
 
 def _diff_class(optimizer_class: type) -> type[DifferentiableOptimizer]:
-    """The class registered for exactly ``optimizer_class`` (a subclass may change the math)."""
-    if optimizer_class in _DIFF_OPTIMIZERS:
-        return _DIFF_OPTIMIZERS[optimizer_class]
-    if optimizer_class in supported_optimizers():
-        return DifferentiableRuleOptimizer
-    names = ", ".join(sorted({k.__name__ for k in (*_DIFF_OPTIMIZERS, *supported_optimizers())}))
-    raise ValueError(
-        f"Optimizer type {optimizer_class.__name__} is not supported. Supported: {names}. "
-        f"Register a differentiable class with higher_func.register_optim("
-        f"{optimizer_class.__name__}, MyDifferentiableClass), or a pure rule with "
-        f"higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
-    )
+    """The class for ``optimizer_class``: that of its nearest base (in method resolution
+    order) with a differentiable class or a rule registered, as :func:`rule_factory` finds
+    rules, so ``class MyAdam(torch.optim.Adam)`` gets Adam's."""
+    rules = supported_optimizers()
+    for klass in optimizer_class.__mro__:
+        if klass in _DIFF_OPTIMIZERS:
+            return _DIFF_OPTIMIZERS[klass]
+        if klass in rules:
+            return DifferentiableRuleOptimizer
+    raise unsupported_optimizer(optimizer_class, {*_DIFF_OPTIMIZERS, *rules})
 
 
 # --------------------------------------------------------------------------- learnable options
@@ -1076,6 +1123,7 @@ def _gradients(
     trainable ``params`` are views of)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a scalar torch.Tensor, got {type(loss).__name__}.")
+    check_scalar_loss(loss)
     trainable = [k for k, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor | None] = [None] * len(params)
     if not trainable:
@@ -1093,21 +1141,23 @@ def _gradients(
     )
     for k, g in zip(trainable, found, strict=False):
         grads[k] = g
+    check_some_gradient(grads)
     return tuple(grads), list(found[len(trainable) :])
 
 
-def _checked_callback_grads(grads: Any, count: int) -> list[Tensor | None]:
+def _checked_callback_grads(grads: Any, params: list[Tensor]) -> list[Tensor | None]:
     if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
         raise TypeError(
             f"grad_callback must return a sequence of gradients (tensors or None), got "
             f"{type(grads).__name__}."
         )
     result = list(grads)
-    if len(result) != count:
+    if len(result) != len(params):
         raise ValueError(
-            f"grad_callback returned {len(result)} gradients for {count} parameters; return "
-            f"one per parameter (None to leave a parameter unchanged)."
+            f"grad_callback returned {len(result)} gradients for {len(params)} parameters; "
+            f"return one per parameter (None to leave a parameter unchanged)."
         )
+    check_like_params("grad_callback's result", result, params)
     return result
 
 

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._dropin_checks import warn_parameters_in_plain_containers
+
 __all__ = [
     "FunctionalModule",
     "FunctionalSubmodule",
@@ -136,6 +138,12 @@ def _check_tensor(value: Any, name: str, reference: Tensor, what: str) -> Tensor
             f"{what}: the fast weight for parameter '{name}' is on {value.device} but the "
             f"fmodel's weights are on {reference.device}. Move it with .to('{reference.device}') "
             "or build the fmodel with monkeypatch(model, device=...)."
+        )
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"{what}: the fast weight for parameter '{name}' has shape {tuple(value.shape)} but "
+            f"the parameter has shape {tuple(reference.shape)}. Pass one tensor shaped like "
+            "each parameter, in fmodel.param_names order (fmodel.fast_params shows them)."
         )
     return value
 
@@ -366,6 +374,7 @@ def _build(
     """Copy ``module``'s structure with ``initial(p)`` in every parameter slot."""
     _check_module(module)
     walk = _walk(module)
+    warn_parameters_in_plain_containers(walk)
     memo: dict[int, Any] = {}
     for name, _, _, param in _occurrences(walk):
         if id(param) not in memo:
@@ -426,10 +435,12 @@ class _Core:
             return self.history[-1]
         if not isinstance(time, int) or isinstance(time, bool):
             raise TypeError(f"time must be an int or None, got {type(time).__name__}.")
-        if not self.track and time != -1:
+        if not self.track and time not in (-1, 0):
+            # higher's semantics: untracked, the history is one entry, both time 0 and -1.
             raise ValueError(
                 f"time={time} was requested but the fmodel is not tracking higher gradients, "
-                "so only the latest weights exist; use time=None, or track_higher_grads=True."
+                "so only the latest weights exist (time=0, -1 or None); pass one of those, "
+                "or track_higher_grads=True."
             )
         if not -len(self.history) <= time < len(self.history):
             raise IndexError(
@@ -510,8 +521,10 @@ class _StatelessBase(nn.Module):
             recurse: kept for ``torch.nn.Module`` compatibility; ``False`` yields only the
                 parameters owned directly by this module.
             time: ``None`` (or ``-1``) for the latest weights, ``0`` for the initial ones,
-                ``k`` for those after ``k`` recorded updates. When not tracking higher
-                gradients only the latest exist and other times raise ``ValueError``.
+                ``k`` for those after ``k`` recorded updates (``IndexError`` past the end).
+                When not tracking higher gradients the history is the latest weights only,
+                as in ``higher``: ``0``, ``-1`` and ``None`` all return them and any other
+                time raises ``ValueError``.
         """
         return (value for _, value in self._named(recurse, time))
 

@@ -61,6 +61,25 @@ from ._rules._sgd import SGDState
 
 make_rule = build_rule
 
+# For compatibility with higher: the module-level names of higher.optim that public custom
+# optimizers import (``from higher.optim import _add, _GroupedGradsType``), with higher's
+# behaviour.  ``_opt_mapping`` is the drop-in registry itself, as in higher.
+from ._compat import (  # noqa: E402, F401
+    _add,
+    _addcdiv,
+    _addcmul,
+    _get_mask_closure,
+    _GradCallbackType,
+    _GradClosureType,
+    _GroupedGradsType,
+    _maybe_mask,
+    _OptMappingType,
+    _OverrideType,
+    _recursive_apply,
+    _StateType,
+)
+from ._diffopt import _DIFF_OPTIMIZERS as _opt_mapping  # noqa: E402, F401
+
 __all__ = [
     "ASGDState",
     "AdadeltaState",

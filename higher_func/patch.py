@@ -6,6 +6,9 @@ them, as ``higher.patch.monkeypatch`` did, built on the same slot swap as
 ``torch.func.functional_call`` instead of subclasses created at run time.
 """
 
+# For compatibility with higher: its type aliases here and, below, its base class name
+# ``_MonkeyPatchBase`` (``isinstance(m, higher.patch._MonkeyPatchBase)``, type hints).
+from ._compat import _BufferType, _EncapsulatorType  # noqa: F401
 from ._patch import (
     FunctionalModule,
     FunctionalSubmodule,
@@ -13,7 +16,7 @@ from ._patch import (
     make_functional,
     monkeypatch,
 )
-from ._patch import _StatelessBase as _MonkeyPatchBase  # noqa: F401  (higher's base class name)
+from ._patch import _StatelessBase as _MonkeyPatchBase  # noqa: F401
 
 __all__ = [
     "FunctionalModule",

@@ -178,7 +178,10 @@ def get_param_mapping(
     return mapping
 
 
-# higher's underscored names, which its users imported directly.
+# For compatibility with higher: its underscored names, which its users imported directly,
+# and its type variables.
+from ._compat import _T, _U  # noqa: E402, F401
+
 _copy_tensor = copy_tensor
 _find_param_in_list = find_param_in_list
 _get_param_mapping = get_param_mapping

@@ -749,8 +749,8 @@ def test_optimizer_over_another_models_parameters_is_a_clear_error():
         ({"lr": torch.tensor(0.1)}, TypeError, r"must be a list of values, .* got Tensor"),
         (
             {"betas": [(0.9, 0.99)]},
-            ValueError,
-            r"'betas', which is not a hyperparameter of DifferentiableSGD",
+            TypeError,
+            r"DifferentiableSGD got an unknown hyperparameter override 'betas'",
         ),
         ([("lr", [0.1])], TypeError, r"override must be a dict"),
         ({"nesterov": [torch.tensor(1.0)]}, TypeError, r"nesterov must be a bool"),

@@ -331,8 +331,10 @@ def test_not_tracking_keeps_only_the_latest_weights() -> None:
     new = perturbed(fmodel)
     fmodel.update_params(new)
     assert all(a is b for a, b in zip(fmodel.fast_params, new, strict=True))
+    for time in (0, -1, None):  # higher's one-element history: all three are the latest
+        assert all(a is b for a, b in zip(fmodel.parameters(time=time), new, strict=True))
     with pytest.raises(ValueError, match="not tracking higher gradients"):
-        list(fmodel.parameters(time=0))
+        list(fmodel.parameters(time=1))
     with pytest.raises(ValueError, match="init_fast_params is only kept when tracking"):
         _ = fmodel.init_fast_params
 

@@ -208,8 +208,8 @@ BAD_INPUT = [
     (lambda: hf.optim.adam(amsgrad={"w": True}), TypeError, "cannot be given per parameter"),
     (
         lambda: hf.optim.rule_factory(torch.optim.LBFGS),
-        TypeError,
-        "No differentiable rule for LBFGS",
+        ValueError,
+        r"Optimizer type LBFGS is not supported\. Supported: .*register_rule",
     ),
     (
         lambda: hf.optim.make_rule(hf.optim.adam().spec, {"lrr": 1}),

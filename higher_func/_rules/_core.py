@@ -17,6 +17,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .._errors import unknown_override
 from ._checks import check_grad, check_hyperparameter_types
 from ._math import ARITHMETIC_KEY, ARITHMETICS, TORCH, safe_sqrt
 from ._tensor_list import TensorList, can_batch
@@ -239,10 +240,8 @@ class Rule:
             return self.hyperparameters
         for key in overrides:
             if key not in self.spec.defaults:
-                raise TypeError(
-                    f"{self.name}.step() got an unknown hyperparameter override {key!r}; "
-                    f"valid names are {sorted(set(self.spec.defaults) - self.spec.static)}."
-                )
+                valid = set(self.spec.defaults) - self.spec.static
+                raise unknown_override(f"{self.name}.step()", key, valid)
             if key in self.spec.init_only:
                 raise TypeError(
                     f"{self.name}.step() cannot override {key!r}: only init() reads it. "

@@ -10,6 +10,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from .._errors import unsupported_optimizer
 from . import _factories as f
 from ._core import Rule, _assemble_state
 from ._math import TORCH
@@ -82,11 +83,7 @@ def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
         if klass in _REGISTRY:
             factory = _REGISTRY[klass]
             return factory if arithmetic == TORCH else _with_arithmetic(factory, arithmetic)
-    names = ", ".join(sorted(k.__name__ for k in _REGISTRY))
-    raise TypeError(
-        f"No differentiable rule for {optimizer_class.__name__}. Supported: {names}. "
-        f"Register one with higher_func.optim.register_rule({optimizer_class.__name__}, factory)."
-    )
+    raise unsupported_optimizer(optimizer_class, _REGISTRY)
 
 
 @functools.lru_cache(maxsize=None)
