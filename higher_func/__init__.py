@@ -16,12 +16,14 @@ from ._context import (
 )
 from ._diffopt import create_diff_optim, get_diff_optim, register_optim
 from ._inner_loop import MetaObjective, batched_meta_loss, inner_loop
+from ._versions import TorchVersionError
 from .patch import monkeypatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MetaObjective",
+    "TorchVersionError",
     "batched_meta_loss",
     "clip_grad_norm",
     "clip_grad_value",

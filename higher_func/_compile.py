@@ -14,7 +14,9 @@ Two ways to compile a meta-gradient:
   structure, which dynamo does not trace): enter it outside and compile the steps.
 
 Both translate the usual compile failures into a :class:`CompileError` that says why and
-what to do instead.  Compilation is slow (tens of seconds for a small MLP on a laptop CPU,
+what to do instead.  Both need torch >= 2.7 (older dynamo graph-breaks on optree's C
+functions, which every rule step calls) and raise :class:`~higher_func.TorchVersionError`
+on an older torch.  Compilation is slow (tens of seconds for a small MLP on a laptop CPU,
 minutes on a loaded one); it pays off over many meta-iterations with fixed shapes.
 """
 
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ._versions import COMPILED_INNER_LOOPS, require_torch
 
 __all__ = ["CompileError", "compiled", "compiled_innerloop"]
 
@@ -130,6 +134,12 @@ def _compile(
 ) -> Callable[..., Any]:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+    require_torch(
+        COMPILED_INNER_LOOPS,
+        "compiling inner loops (higher_func.func.compiled / compiled_innerloop)",
+        instead="run them eagerly: batched_meta_loss and MetaObjective batch tasks with vmap "
+        "without compiling",
+    )
     try:
         return torch.compile(
             fn, fullgraph=fullgraph, backend=backend, mode=mode, dynamic=dynamic, options=options

@@ -380,7 +380,20 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
     #: The ``torch.optim`` class whose rule this class runs (``None``: ``other``'s type).
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
-    def __init__(self, other: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[Tensor],
+        fmodel: Any = None,
+        device: torch.device | str | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        track_higher_grads: bool = True,
+        *,
+        schedule: Schedule | None = None,
+    ) -> None:
+        """Mirror ``other`` (an instance of :attr:`torch_class`), as
+        :class:`DifferentiableOptimizer` does; the arguments are the same."""
         _check_optimizer(other)
         torch_class = self.torch_class or type(other)
         if not isinstance(other, torch_class):
@@ -394,7 +407,16 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._flat_grads: dict[int, Tensor | None] = {}  # per flat group, from _differentiate
         self._overridden: set[str] = set()  # keys an override has set
         _check_options_supported(other, self._option_names)
-        super().__init__(other, *args, **kwargs)
+        super().__init__(
+            other,
+            reference_params,
+            fmodel,
+            device,
+            override,
+            grad_callback,
+            track_higher_grads,
+            schedule=schedule,
+        )
 
     def _import_state(self, other: torch.optim.Optimizer, reference: list[Tensor]) -> None:
         self._rules: list[Any] = []

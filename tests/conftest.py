@@ -3,6 +3,20 @@
 import pytest
 import torch
 
+from optimizer_cases import OptimizerCase
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip, with the torch version needed, every optimizer case whose options the
+    installed torch lacks (e.g. Adam's ``decoupled_weight_decay`` before torch 2.7)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case, options = params.get("case"), params.get("options")
+        if isinstance(case, OptimizerCase) and isinstance(options, dict):
+            reason = case.unsupported(options)
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 import higher_func as hf
+from higher_func._versions import ADAM_DECOUPLED_WEIGHT_DECAY
+
+from torch_versions import skip_reason
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,20 @@ class OptimizerCase:
     gradcheck_options: dict[str, Any] = field(default_factory=dict)
     #: Unrolled steps in gradchecks (RAdam rectifies only from its sixth step on).
     gradcheck_steps: int = 2
+    #: Option -> the oldest torch whose optimizer has it (tests of it skip on older ones).
+    newer_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.factory.__name__
+
+    def unsupported(self, options: dict[str, Any]) -> str | None:
+        """Why the installed torch cannot run ``options`` (a skip reason), or ``None``."""
+        for option, minimum in self.newer_options.items():
+            reason = skip_reason(minimum, f"{self.torch_class.__name__}'s {option}")
+            if options.get(option) and reason is not None:
+                return reason
+        return None
 
 
 CASES = (
@@ -57,6 +70,7 @@ CASES = (
             {"lr": 0.01, "maximize": True, "amsgrad": True},
         ),
         {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1},
+        newer_options={"decoupled_weight_decay": ADAM_DECOUPLED_WEIGHT_DECAY},
     ),
     OptimizerCase(
         torch.optim.AdamW,

@@ -15,8 +15,10 @@ from torch import nn
 
 import higher_func as hf
 from higher_func._rules._core import Rule
+from higher_func._versions import ADAM_DECOUPLED_WEIGHT_DECAY
 
 from optimizer_cases import OPTION_CASES, OPTION_IDS, OptimizerCase
+from torch_versions import needs_torch
 
 TOL = 1e-10
 FD_TOL = 1e-7
@@ -154,7 +156,11 @@ def test_asgd_averaged_iterate_equals_torch():
     [
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "maximize": True}),
         (torch.optim.Adam, {"lr": 0.01, "maximize": True}),
-        (torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.3, "decoupled_weight_decay": True}),
+        pytest.param(
+            torch.optim.Adam,
+            {"lr": 0.01, "weight_decay": 0.3, "decoupled_weight_decay": True},
+            marks=needs_torch(ADAM_DECOUPLED_WEIGHT_DECAY, "Adam's decoupled_weight_decay"),
+        ),
         (torch.optim.RMSprop, {"lr": 0.01, "maximize": True, "centered": True}),
     ],
     ids=["sgd-maximize", "adam-maximize", "adam-decoupled", "rmsprop-maximize"],

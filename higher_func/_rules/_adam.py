@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._versions import ADAM_DECOUPLED_WEIGHT_DECAY, require_torch
 from ._checks import check_betas, check_nonnegative, check_type
 from ._core import Hyperparameters, RuleSpec
 from ._math import arithmetic, is_zero, new_step, safe_sqrt, step_value
@@ -91,14 +92,26 @@ def validate_adam_family(hp: Hyperparameters) -> None:
     check_type(hp, "maximize", bool)
 
 
-def _validate(hp: Hyperparameters) -> None:
+def _validate_options(hp: Hyperparameters) -> None:
     validate_adam_family(hp)
     check_type(hp, "amsgrad", bool)
     check_type(hp, "decoupled_weight_decay", bool)
 
 
+def _validate(hp: Hyperparameters) -> None:
+    _validate_options(hp)
+    if hp["decoupled_weight_decay"]:
+        # An older torch.optim.Adam ignores the key in a parameter group: refuse rather than
+        # differ from it.
+        require_torch(
+            ADAM_DECOUPLED_WEIGHT_DECAY,
+            "Adam's decoupled_weight_decay=True",
+            instead="use AdamW (torch.optim.AdamW / higher_func.optim.adamw), the same update",
+        )
+
+
 def _validate_adamw(hp: Hyperparameters) -> None:
-    _validate(hp)
+    _validate_options(hp)
     if hp["decoupled_weight_decay"] is not True:
         raise ValueError(
             "adamw() always decouples weight decay (decoupled_weight_decay=True), as "
