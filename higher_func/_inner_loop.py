@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from ._attention import second_order_attention
+from ._attention import second_order_attention, vmap_attention
 from ._batching import BATCHING, batch_tasks, choose_batching, loop_over_tasks
 from ._norm import exact_norms, may_normalize
 from ._rules._registry import from_torch_optimizer
@@ -499,12 +499,13 @@ def batched_meta_loss(
         )
 
     def vmapped() -> Tensor:
-        return vmap(
-            task_loss,
-            in_dims=(None, None, None, 0, 0, 0),
-            randomness=randomness,
-            chunk_size=chunk_size,
-        )(params, state, buffers, support, query, per_task)
+        with vmap_attention(params):
+            return vmap(
+                task_loss,
+                in_dims=(None, None, None, 0, 0, 0),
+                randomness=randomness,
+                chunk_size=chunk_size,
+            )(params, state, buffers, support, query, per_task)
 
     def one_task(i: int) -> Tensor:
         batches: Any = (support, query, per_task)
