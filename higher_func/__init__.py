@@ -6,6 +6,7 @@ batch under ``vmap`` and compile with ``torch.compile``.
 """
 
 from . import func, implicit, optim, patch, utils
+from ._attention import is_double_backward_attention_enabled, set_double_backward_attention
 from ._context import (
     clip_grad_norm,
     clip_grad_value,
@@ -33,10 +34,12 @@ __all__ = [
     "implicit",
     "inner_loop",
     "innerloop_ctx",
+    "is_double_backward_attention_enabled",
     "monkeypatch",
     "optim",
     "patch",
     "register_optim",
+    "set_double_backward_attention",
     "truncate",
     "utils",
     "write_back_module",

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from ._implicit_checks import (
     check_optimality_fn,
-    is_grad_tracking,
     check_requires_no_grad,
     check_same_structure,
+    is_grad_tracking,
 )
-from ._linear_solve import solve_cg, solve_normal_cg
+from ._linear_solve import solve_normal_cg
 
 __all__ = ["custom_fixed_point", "custom_root"]
 

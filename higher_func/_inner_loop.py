@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from ._attention import second_order_attention, vmap_attention
+from ._batching import BATCHING, batch_tasks, choose_batching, loop_over_tasks
 from ._norm import exact_norms, may_normalize
 from ._recompute import recomputed_inner_loop
 from ._rules._registry import from_torch_optimizer
@@ -280,7 +282,8 @@ def inner_loop(
         with nullcontext() if differentiable else torch.no_grad():
             overrides = _overrides_at(hyperparameters, k)
             at = _detach(params) if first_order else params
-            grads, (value, new_buffers) = grad(objective, has_aux=True)(at, buffers, *batch)
+            with second_order_attention(not first_order):
+                grads, (value, new_buffers) = grad(objective, has_aux=True)(at, buffers, *batch)
             buffers = new_buffers if buffers is not None else None
             params, state = rule.step(params, grads, state, **overrides)
         losses.append(value)
@@ -437,6 +440,7 @@ def batched_meta_loss(
     randomness: str = "error",
     chunk_size: int | None = None,
     recompute: bool = False,
+    batching: str = "auto",
 ) -> Tensor:
     """:func:`meta_loss` over a batch of tasks in one ``vmap``, ``params`` shared.
 
@@ -461,6 +465,12 @@ def batched_meta_loss(
         randomness: ``vmap``'s policy for random ops such as dropout: ``"error"`` (raise),
             ``"different"`` (independent per task) or ``"same"`` (one draw for all).
         chunk_size: vmap this many tasks at a time (less memory, same result).
+        batching: ``"auto"`` (default): ``vmap``, or a per-task loop with a one-time
+            warning naming the module or op when ``vmap`` cannot batch the model (an
+            ``nn.LSTM``, a training-mode ``spectral_norm``, transformers' 0/1 attention
+            masks); ``"vmap"``: raise a :class:`~higher_func.func.BatchingError` naming the
+            module and the fix instead; ``"loop"``: always the loop (same result; random
+            ops draw per task, or from one state with ``randomness="same"``).
 
     Returns:
         The reduced meta-loss (shape ``()``; ``(tasks,)`` with ``reduction="none"``).
@@ -477,9 +487,10 @@ def batched_meta_loss(
     """
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_choice("randomness", randomness, _RANDOMNESS)
+    _check_choice("batching", batching, BATCHING)
     support, query = _as_tuple(support), _as_tuple(query)
     per_task = dict(task_hyperparameters or {})
-    _check_task_batch(support, query, per_task)
+    tasks = _check_task_batch(support, query, per_task)
     options: dict[str, Any] = {
         "query_loss": query_loss,
         "steps": steps,
@@ -503,12 +514,23 @@ def batched_meta_loss(
             **options,
         )
 
-    losses = vmap(
-        task_loss,
-        in_dims=(None, None, None, 0, 0, 0),
-        randomness=randomness,
-        chunk_size=chunk_size,
-    )(params, state, buffers, support, query, per_task)
+    def vmapped() -> Tensor:
+        with vmap_attention(params):
+            return vmap(
+                task_loss,
+                in_dims=(None, None, None, 0, 0, 0),
+                randomness=randomness,
+                chunk_size=chunk_size,
+            )(params, state, buffers, support, query, per_task)
+
+    def one_task(i: int) -> Tensor:
+        batches: Any = (support, query, per_task)
+        return task_loss(params, state, buffers, *optree.tree_map(lambda t: t[i], batches))
+
+    def looped() -> Tensor:
+        return loop_over_tasks(tasks, one_task, randomness)
+
+    losses = batch_tasks(vmapped, looped, batching, "batched_meta_loss")
     return _reduce(losses, reduction)
 
 
@@ -535,7 +557,8 @@ def _as_tuple(batch: Any) -> tuple[Any, ...]:
 
 def _check_task_batch(
     support: tuple[Any, ...], query: tuple[Any, ...], per_task: Mapping[str, Any]
-) -> None:
+) -> int:
+    """The number of tasks (dimension 0 of every per-task tensor, checked equal)."""
     sizes = {}
     for argument, tree in (
         ("support", support),
@@ -554,6 +577,7 @@ def _check_task_batch(
         raise ValueError(
             f"Every per-task tensor needs the same number of tasks in dimension 0, got {listing}."
         )
+    return next(iter(sizes.values()), 0)
 
 
 def _leaves_with_paths(where: str, tree: Any) -> list[tuple[str, Any]]:
@@ -674,6 +698,9 @@ class MetaObjective:
         randomness: ``vmap``'s policy for dropout and other random ops (``"error"``,
             ``"different"``, ``"same"``).
         chunk_size: vmap this many tasks at a time.
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :func:`batched_meta_loss`);
+            ``"auto"`` goes straight to the loop, with a one-time warning, for a model
+            with an ``nn.LSTM``/``GRU``/``RNN`` or a training-mode ``spectral_norm``.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -697,10 +724,13 @@ class MetaObjective:
         truncate: int | None = None,
         randomness: str = "error",
         chunk_size: int | None = None,
+        batching: str = "auto",
     ) -> None:
         _check_callable("loss_fn", loss_fn)
         _check_steps(steps, truncate)
         _check_choice("randomness", randomness, _RANDOMNESS)
+        _check_choice("batching", batching, BATCHING)
+        self.batching = batching
         self.model = FunctionalModel(model)
         self.rule, self.state = rule_from_optimizer(inner_optimizer, model)
         self.loss_fn = loss_fn
@@ -736,6 +766,7 @@ class MetaObjective:
             buffers=self.model.buffers,
             task_hyperparameters=task_hyperparameters,
             reduction=reduction,
+            batching=choose_batching(self.batching, self.model.module),
             **self.options,
         )
 

@@ -30,6 +30,7 @@ __all__ = [
     "batch_norm",
     "exact_norms",
     "group_norm",
+    "hide_hook_frames",
     "layer_norm",
     "may_normalize",
 ]
@@ -264,4 +265,33 @@ def exact_norms() -> Iterator[RunningStatUpdates]:
     """
     updates = RunningStatUpdates()
     with _ExactNorms(updates):
-        yield updates
+        try:
+            yield updates
+        except BaseException as error:
+            hide_hook_frames(error)
+            raise
+
+
+def hide_hook_frames(error: BaseException) -> None:
+    """Unlink the rerouting hook's frames from ``error``'s traceback (and its causes').
+
+    Every torch call inside :func:`exact_norms` passes through the hook, so an error raised
+    by any op would otherwise end in ``_norm.py __torch_function__``, as if the hook had
+    caused it.  The traceback then ends at the model line that called the failing op.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None and tb.tb_frame.f_code is _HOOK_CODE:
+            tb = tb.tb_next
+        current.__traceback__ = tb
+        while tb is not None:
+            while tb.tb_next is not None and tb.tb_next.tb_frame.f_code is _HOOK_CODE:
+                tb.tb_next = tb.tb_next.tb_next
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+
+
+_HOOK_CODE = _ExactNorms.__torch_function__.__code__

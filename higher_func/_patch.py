@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._attention import may_attend, second_order_attention
 from ._dropin_checks import warn_parameters_in_plain_containers
 
 __all__ = [
@@ -409,6 +410,8 @@ class _Core:
             initial.setdefault(index, params[key])
         self.history: list[list[Tensor]] = [[initial[i] for i in range(len(initial))]]
         self.track = track
+        # Tracking forwards need attention with a double backward (see _attention.py).
+        self.attends = may_attend(module)
         # Weak, so that views (which hold the core) form no reference cycle with it: an
         # fmodel is then freed as soon as it is dropped, without waiting for the collector.
         self.views: weakref.WeakValueDictionary[str, FunctionalSubmodule] = (
@@ -492,12 +495,14 @@ class _StatelessBase(nn.Module):
                 (names left out keep their latest value). Passing ``params`` does **not**
                 record anything in the history, so it is safe under ``torch.func.vmap``.
         """
-        if params is None:
-            return self._sub(*args, **kwargs)
-        values = _values_from(
-            params, self._lay, self._latest(), "params", len(self._core.layout.names)
-        )
-        return _call_with(self._sub, self._lay, values, args, kwargs)
+        core = self._core
+        with second_order_attention(core.track and core.attends):
+            if params is None:
+                return self._sub(*args, **kwargs)
+            values = _values_from(
+                params, self._lay, self._latest(), "params", len(core.layout.names)
+            )
+            return _call_with(self._sub, self._lay, values, args, kwargs)
 
     # -- reading weights -------------------------------------------------------------------
 

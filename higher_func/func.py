@@ -8,9 +8,12 @@ batched meta-loss from ``innerloop_ctx`` code's pieces (model, torch inner optim
 per-task loss).  Batch, layer and group norms run as decomposed tensor math so the batched
 meta-gradient is exact (:func:`exact_norms`).  :func:`compiled` compiles the whole
 meta-gradient; :func:`compiled_innerloop` compiles ``innerloop_ctx`` code.
+Models that ``vmap`` cannot batch (RNNs, training-mode spectral norms, transformers' 0/1 attention
+masks) run as a per-task loop (``batching=``, :class:`BatchingError`).
 :func:`hypergradient_forward` gives hypergradients by forward mode (memory flat in steps).
 """
 
+from ._batching import BatchingError
 from ._compile import CompileError, compiled, compiled_innerloop
 from ._forward import hypergradient_forward
 from ._inner_loop import (
@@ -26,6 +29,7 @@ from ._inner_loop import (
 from ._norm import exact_norms
 
 __all__ = [
+    "BatchingError",
     "CompileError",
     "FunctionalModel",
     "InnerLoop",

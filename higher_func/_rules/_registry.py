@@ -86,7 +86,7 @@ def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
     raise unsupported_optimizer(optimizer_class, _REGISTRY)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_arithmetic(factory: RuleFactory, arithmetic: str) -> RuleFactory:
     """``factory`` building its rules with ``arithmetic`` (one wrapper per pair, so callers
     may cache by factory)."""
