@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-steps", default="5,20,50", help="inner steps for workload 6")
     parser.add_argument(
+        "--before",
+        default="",
+        metavar="REV",
+        help="also run the drop-in code on higher_func at git revision REV, interleaved in "
+        "the same rounds (a before/after comparison of a change)",
+    )
+    parser.add_argument(
         "--warm-compile-cache",
         action="store_true",
         help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
@@ -171,7 +178,8 @@ def check_targets(results: dict[str, dict[str, Any]], memory_steps: list[int]) -
         return None if a is None or b is None else b / a
 
     drop_in_goals = (("1", 1.3), ("2", 1.3), ("2b", 1.3), ("4", 1.3), ("3", 1.0), ("5", 2.0))
-    for key, goal in (*drop_in_goals, ("5b", 2.0)):
+    real_models = [key for key in results if key[0] in "3789" and key != "3"]
+    for key, goal in (*drop_in_goals, ("5b", 2.0), *((k, 1.0) for k in real_models)):
         ratio = speedup(key, ctx, higher)
         targets.append(
             _target(
@@ -179,6 +187,16 @@ def check_targets(results: dict[str, dict[str, Any]], memory_steps: list[int]) -
                 ratio,
                 f">= {goal}",
                 ratio is not None and ratio >= goal,
+            )
+        )
+    for key in (k for k in real_models if k[0] != "3"):
+        slowdown = speedup(key, "torch.func loop", ctx)
+        targets.append(
+            _target(
+                f"workload {key}: innerloop_ctx / torch.func loop (time, large model)",
+                slowdown,
+                "<= 1.1",
+                slowdown is not None and slowdown <= 1.1,
             )
         )
     for impl in ("higher_func functional", "higher_func inner_loop"):
@@ -266,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     memory_steps = [int(s) for s in args.memory_steps.split(",")]
 
+    if args.before:
+        implementations.add_revision(args.before, ROOT)
     suite = workloads.suite(args.device, tuple(memory_steps))
     keys = _selected(args.workloads, sorted({w.key.split("-")[0] for w in suite}), "workloads")
     suite = [w for w in suite if w.key.split("-")[0] in keys]
