@@ -23,7 +23,7 @@ Workloads (the keys used in tables, JSON and on the command line):
   64x64 px, 5-way 1-shot, 5 queries, 2 tasks, 3 inner steps; ``8`` a BERT-tiny-shaped
   transformer (``transformers``' ``BertForSequenceClassification``, 2 layers, hidden 128,
   4.4M parameters, random initialisation, no dropout), 5-way sentence classification,
-  32 tokens, 4 tasks, 3 inner steps; ``9`` an LSTM language model (embedding 2000 x 128,
+  32 tokens, 2 tasks, 3 inner steps; ``9`` an LSTM language model (embedding 2000 x 128,
   one LSTM layer of 256, decoder to the vocabulary), next-token loss over 4 x 16 tokens, 2
   tasks, 3 inner steps.
 """
@@ -532,7 +532,7 @@ def real_model_problems(device: str) -> list[MamlProblem]:
     generator = torch.Generator().manual_seed(SEED)
     omniglot = image_tasks(4, 5, 1, 15, generator)
     images = _resized(image_tasks(2, 5, 1, 1, generator), 64, 3)
-    sentences = token_tasks(4, 5, 1, 2, 32, generator)
+    sentences = token_tasks(2, 5, 1, 2, 32, generator)
     text = text_tasks(2, 4, 16, generator)
     models = [
         ("3", "Omniglot-shaped MAML, conv net, 4 tasks, 5 inner", omniglot_convnet, omniglot, 5),
