@@ -539,7 +539,7 @@ def real_model_problems(device: str) -> list[MamlProblem]:
         ("7", "ResNet-18-shaped, BatchNorm, 64 px, 2 tasks, 3 inner", resnet18, images, 3),
         (
             "8",
-            "BERT-tiny-shaped (transformers), 32 tokens, 4 tasks, 3 inner",
+            "BERT-tiny-shaped (transformers), 32 tokens, 2 tasks, 3 inner",
             bert_tiny,
             sentences,
             3,
