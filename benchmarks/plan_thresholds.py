@@ -80,12 +80,12 @@ def time_plans(
     opt = OPTIMIZERS[optimizer](list(model.parameters()))
     limits = {"flat": math.inf, "per tensor": -1}
     times: dict[str, list[float]] = {k: [] for k in limits}
-    saved = _execution.FLAT_MAX_BYTES
+    saved = _execution.FLAT_MAX_BYTES, _execution.FLAT_MAX_MEAN_BYTES
     try:
         for r in range(rounds + 1):  # round 0 warms up
             order = list(limits) if r % 2 else list(limits)[::-1]
             for key in order:
-                _execution.FLAT_MAX_BYTES = limits[key]  # type: ignore[assignment]
+                _execution.FLAT_MAX_BYTES = _execution.FLAT_MAX_MEAN_BYTES = limits[key]  # type: ignore[assignment]
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -95,7 +95,7 @@ def time_plans(
                 if r:
                     times[key].append(time.perf_counter() - start)
     finally:
-        _execution.FLAT_MAX_BYTES = saved
+        _execution.FLAT_MAX_BYTES, _execution.FLAT_MAX_MEAN_BYTES = saved
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -109,9 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet18,bert_tiny,lstm_lm,omniglot")
     parser.add_argument("--optimizers", default="adam,momentum")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "plan_thresholds.txt",
+        help="where to save the table (shown in docs/performance.md by report.py)",
+    )
     args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cases: list[tuple[str, list[torch.Size]]] = []
@@ -121,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             cases.append((f"{count} x {size}", [torch.Size([size])] * count))
     cases += [(name, model_shapes(name)) for name in args.models.split(",") if name]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"device {args.device}, {torch.get_num_threads()} thread(s), load average {load}")
-    print(f"{args.steps} recorded steps + outer backward, median of {args.rounds}, float32")
+    emit(f"device {args.device}, {torch.get_num_threads()} thread(s), load average {load}")
+    emit(f"{args.steps} recorded steps + outer backward, median of {args.rounds}, float32")
     header = f"{'group':>22} {'tensors':>7} {'elements':>10} {'MB':>7} {'optimizer':>9}"
-    print(f"{header} {'flat s':>9} {'per-t. s':>9} {'per-t./flat':>11}")
+    emit(f"{header} {'flat s':>9} {'per-t. s':>9} {'per-t./flat':>11}")
     best: dict[str, int] = {}
     for label, shapes in cases:
         elements = sum(math.prod(s) for s in shapes)
@@ -134,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             ratio = t["per tensor"] / t["flat"]
             if ratio > 1.0:
                 best[optimizer] = max(best.get(optimizer, 0), elements * 4)
-            print(
+            emit(
                 f"{label:>22} {len(shapes):>7} {elements:>10} {megabytes:>7.2f} {optimizer:>9} "
-                f"{t['flat']:>9.4f} {t['per tensor']:>9.4f} {ratio:>10.2f}x",
-                flush=True,
+                f"{t['flat']:>9.4f} {t['per tensor']:>9.4f} {ratio:>10.2f}x"
             )
     for optimizer, size in best.items():
-        print(f"{optimizer}: the largest group where flat won: {size / 2**20:.2f} MB")
-    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        emit(f"{optimizer}: the largest group where flat won: {size / 2**20:.2f} MB")
+    emit(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    args.save.parent.mkdir(parents=True, exist_ok=True)
+    args.save.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -91,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
         "are cold)",
     )
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="merge this run's workloads into an earlier report (replacing those it "
+        "re-measured, each marked with its own run's date and load) and render the merge",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
@@ -342,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(render.text_report(report))
+    if args.merge_into is not None:
+        report = merged(json.loads(args.merge_into.read_text()), report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
     print(f"\nsaved {args.json}")
@@ -349,6 +359,28 @@ def main(argv: list[str] | None = None) -> int:
         written = render.write_markdown(report, args.markdown)
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def merged(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``new``'s workloads added or replaced, each marked with its run.
+
+    Ratios stay within one run: every workload's implementations come from the same run.
+    """
+    env = new["environment"]
+    run = {
+        "date_utc": env["date_utc"],
+        "mode": new["mode"],
+        "load_average_at_start": env["load_average_at_start"],
+        "libraries": env["libraries"],
+    }
+    out = json.loads(json.dumps(base))
+    out["results"].update(new["results"])
+    out["workloads"].update(new["workloads"])
+    out["implementations"].update(new["implementations"])
+    runs = out.setdefault("workload_runs", {})
+    runs.update(dict.fromkeys(new["workloads"], run))
+    out["targets"] = check_targets(out["results"], out["settings"]["memory_steps"])
+    return out
 
 
 def _finite(value: Any) -> Any:

@@ -23,18 +23,38 @@ functorch transform (``vmap``, ``grad``) or ``torch.compile`` is tracing.  :func
 answers for a rule's step (``Rule.step``) and for a differentiable optimizer's parameter
 group (``rule=`` given, where :attr:`Plan.FLAT` is allowed).
 
-When flat pays (measured by ``benchmarks/plan_thresholds.py``; see
-``docs/performance.md``).  A recorded flat step saves per-tensor overhead (a few
-microseconds per op and tensor, forward and backward) but pays for memory traffic: the
-first step concatenates weights and gradients, and element-wise ops over one tensor of
-tens of megabytes run at DRAM bandwidth (and on fresh pages from ``mmap``) where the
-per-tensor kernel keeps each parameter's lines in cache.  On the development CPU (2
-cores, float32, 1 thread, 3 recorded Adam or SGD-momentum steps and the outer backward)
-flat is faster for groups up to :data:`FLAT_MAX_BYTES` in total and slower above, at any
-number of tensors measured (2 to 256); see the table in ``docs/performance.md``.  The
-limit applies on the CPU only: on accelerators, where every kernel launch costs the same
-few microseconds whatever its size, groups are stepped flat at every size, as before the
-limit existed, until a measurement there says otherwise.  Re-measure with::
+When flat pays (measured by ``benchmarks/plan_thresholds.py``, whose saved output
+``benchmarks/results/plan_thresholds.txt`` is shown in ``docs/performance.md``).  A
+recorded flat step saves per-tensor overhead (a few microseconds per op and tensor,
+forward and backward) but pays in memory traffic: the first step concatenates weights and
+gradients, and element-wise ops over one tensor of many megabytes run at DRAM bandwidth
+(on fresh pages from ``mmap``) where the per-tensor kernel keeps each parameter's few
+lines in cache.  So the saving grows with the number of tensors and the cost with their
+size: flat pays when the mean tensor is small.  On the development CPU (2 shared cores,
+float32, 1 thread, 3 recorded Adam or SGD-momentum steps and the outer backward; time per
+tensor / time flat, above 1 flat is faster; measured under a load average of about 5)::
+
+    tensors x elements    mean KiB  total MiB   Adam  momentum
+    64 x 4096                   16          1   1.86     1.28
+    256 x 4096                  16          4   2.00     1.38
+    256 x 8192                  32          8   1.45     1.04
+    64 x 16384                  64          4   1.16     1.12
+    16 x 16384                  64          1   1.04     0.88
+    64 x 32768                 128          8   0.78     0.97
+    16 x 65536                 256          4   0.84     0.91
+    4 x 262144                1024          4   0.74     0.86
+    Omniglot conv net (18)      24       0.43   1.38     0.94
+    LSTM LM (7)                650        4.4   0.92     0.80
+    BERT-tiny (41)             418         17   0.95     0.91
+    ResNet-18 (62)             704         43   0.43     0.76
+
+Hence the limits on the CPU: flat when the group's mean tensor is at most
+:data:`FLAT_MAX_MEAN_BYTES` (64 KiB) and the group at most :data:`FLAT_MAX_BYTES`
+(8 MiB; above it, 256 x 16384, 16 MiB, measured 0.38x and 0.67x with Adam in two
+runs).  On accelerators, where a kernel launch costs the same few microseconds whatever
+its size, groups are stepped flat at every size, as before these limits existed, until
+a measurement there says otherwise.
+Re-measure with::
 
     PYTHONPATH=$PWD python benchmarks/plan_thresholds.py            # CPU
     PYTHONPATH=$PWD python benchmarks/plan_thresholds.py --device cuda
@@ -146,7 +166,5 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
     values = rule.hyperparameters.values()
     if any(isinstance(v, Mapping) for v in values):
         return False  # per-parameter values: each parameter needs its own
-    return all(
-        not isinstance(v, Tensor) or v.dim() == 0
-        for v in optree.tree_leaves(list(values), none_is_leaf=True)
-    )
+    leaves: list[Any] = optree.tree_leaves(list(values), none_is_leaf=True)  # type: ignore[arg-type]
+    return all(not isinstance(v, Tensor) or v.dim() == 0 for v in leaves)
