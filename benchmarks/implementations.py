@@ -28,9 +28,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import io
 import math
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -81,6 +87,9 @@ class Implementation:
         builder = self.builders.get(workload.family)
         if builder is None:
             raise Unavailable(f"not applicable to the {workload.family} workload")
+        for name in getattr(workload.problem, "requires", ()):
+            if _module(name) is None:
+                raise Unavailable(f"the model needs {name}: pip install {name} (extra 'bench')")
         return builder(workload.problem)
 
 
@@ -446,11 +455,13 @@ COMPILE_CONV = False
 def maml_hf_compiled(problem: MamlProblem) -> Runner:
     """``torch.compile(MetaObjective.value_and_grad, fullgraph=True)``, as documented."""
     model = problem.model()
-    if not COMPILE_CONV and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+    if not COMPILE_CONV and (
+        problem.large or any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    ):
         raise Unavailable(
-            "compiling the conv workload's meta-gradient takes more than 10 minutes on a "
-            "2-core CPU (one attempt was stopped after 11); pass --compile-conv (report.py) "
-            "or --bench-compile-conv (pytest)"
+            "compiling the conv and real-model workloads' meta-gradients takes more than 10 "
+            "minutes on a 2-core CPU (one attempt on workload 3 was stopped after 11); pass "
+            "--compile-conv (report.py) or --bench-compile-conv (pytest)"
         )
     objective, model = _meta_objective(problem)
     meta_opt = _meta_adam(model.parameters(), problem.outer_lr)
@@ -778,3 +789,39 @@ BASELINE = "higher"
 
 def by_key() -> dict[str, Implementation]:
     return {impl.key: impl for impl in IMPLEMENTATIONS}
+
+
+def add_revision(revision: str, repository: Path) -> str:
+    """Add the drop-in implementation of higher_func at git ``revision`` to the registry.
+
+    The revision's ``higher_func`` package is exported (``git archive``) into a temporary
+    directory under the name ``higher_func_at_<short hash>`` (the package imports itself
+    only relatively), so the old and the new code run in the same process, interleaved in
+    the same rounds: a before/after comparison of one change.  Returns the new key.
+    """
+    short = subprocess.run(
+        ["git", "-C", str(repository), "rev-parse", "--short", revision],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    name = f"higher_func_at_{short}"
+    target = Path(tempfile.mkdtemp(prefix="higher_func_rev_"))
+    archive = subprocess.run(
+        ["git", "-C", str(repository), "archive", short, "higher_func"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    (target / "higher_func").rename(target / name)
+    sys.path.insert(0, str(target))
+    key = f"higher_func.innerloop_ctx @{short}"
+    position = next(i for i, impl in enumerate(IMPLEMENTATIONS) if impl.key == BASELINE) + 2
+    IMPLEMENTATIONS.insert(
+        position,
+        Implementation(
+            key, f"the 'higher' code on higher_func at {revision} ({short})", _drop_in(name)
+        ),
+    )
+    return key

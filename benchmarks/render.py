@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 BASELINE = "higher"
+#: The saved output of ``benchmarks/plan_thresholds.py`` shown on the page.
+PLAN_THRESHOLDS = Path(__file__).resolve().parent / "results" / "plan_thresholds.txt"
 REFERENCE = "torch.func loop"
 MB = 2**20
 
@@ -220,10 +222,26 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         "iteration from the hand-written loop's, relative to its largest entry (float32)."
     )
     out.append("")
+    runs = report.get("workload_runs", {})
+    if runs:
+        out.append(
+            "Workloads marked *re-measured* come from a later run than the one described "
+            "above (date, mode and load average given with each); within a workload every "
+            "implementation comes from the same run, so its ratios hold."
+        )
+        out.append("")
     for key, info in report["workloads"].items():
         if info["family"] == "memory":
             continue
         out += [f"### Workload {key}: {info['title']}", ""]
+        if key in runs:
+            run = runs[key]
+            out += [
+                f"_Re-measured {run['date_utc']}, {run['mode']} run, load average at start "
+                f"{run['load_average_at_start']} (a loaded machine: trust the ratios, not the "
+                "seconds)._",
+                "",
+            ]
         out += [_markdown_table(CASE_HEADER, _case_rows(report, key)), ""]
     header, rows = _memory_table(report)
     if rows:
@@ -233,6 +251,27 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
             f"of an MLP 784-256-256-10 on one task. Measured as: {env['memory_method']}.",
             "",
             _markdown_table(header, rows),
+            "",
+        ]
+    thresholds = PLAN_THRESHOLDS.read_text() if PLAN_THRESHOLDS.exists() else ""
+    if thresholds:
+        out += ["## When a parameter group is stepped flat", ""]
+        out += [
+            "While autograd records the inner steps, the drop-in optimizers step a parameter "
+            "group of a stateful elementwise rule as one flat tensor when that is faster "
+            "(`higher_func/_execution.py`, the one place that decides how a rule's kernel "
+            "runs). On the CPU that holds for groups of small tensors: flat only when the "
+            "mean tensor is at most `FLAT_MAX_MEAN_BYTES` (64 KiB) and the group at most "
+            "`FLAT_MAX_BYTES` (8 MiB); on accelerators there is no limit until measured "
+            "there. The figures below set those limits: seconds of 3 recorded steps and the "
+            "outer backward through them, flat and per tensor, interleaved (median of 7; "
+            "above 1x flat is faster). Re-measure with "
+            "`PYTHONPATH=$PWD python benchmarks/plan_thresholds.py` (add `--device cuda` on "
+            "a GPU).",
+            "",
+            "```text",
+            thresholds.rstrip(),
+            "```",
             "",
         ]
     out += ["## Implementations", ""]

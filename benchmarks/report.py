@@ -79,10 +79,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-steps", default="5,20,50", help="inner steps for workload 6")
     parser.add_argument(
+        "--before",
+        default="",
+        metavar="REV",
+        help="also run the drop-in code on higher_func at git revision REV, interleaved in "
+        "the same rounds (a before/after comparison of a change)",
+    )
+    parser.add_argument(
         "--warm-compile-cache",
         action="store_true",
         help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
         "are cold)",
+    )
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="merge this run's workloads into an earlier report (replacing those it "
+        "re-measured, each marked with its own run's date and load) and render the merge",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
@@ -171,7 +186,8 @@ def check_targets(results: dict[str, dict[str, Any]], memory_steps: list[int]) -
         return None if a is None or b is None else b / a
 
     drop_in_goals = (("1", 1.3), ("2", 1.3), ("2b", 1.3), ("4", 1.3), ("3", 1.0), ("5", 2.0))
-    for key, goal in (*drop_in_goals, ("5b", 2.0)):
+    real_models = [key for key in results if key[0] in "3789" and key != "3"]
+    for key, goal in (*drop_in_goals, ("5b", 2.0), *((k, 1.0) for k in real_models)):
         ratio = speedup(key, ctx, higher)
         targets.append(
             _target(
@@ -179,6 +195,16 @@ def check_targets(results: dict[str, dict[str, Any]], memory_steps: list[int]) -
                 ratio,
                 f">= {goal}",
                 ratio is not None and ratio >= goal,
+            )
+        )
+    for key in (k for k in real_models if k[0] != "3"):
+        slowdown = speedup(key, "torch.func loop", ctx)
+        targets.append(
+            _target(
+                f"workload {key}: innerloop_ctx / torch.func loop (time, large model)",
+                slowdown,
+                "<= 1.1",
+                slowdown is not None and slowdown <= 1.1,
             )
         )
     for impl in ("higher_func functional", "higher_func inner_loop"):
@@ -266,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     memory_steps = [int(s) for s in args.memory_steps.split(",")]
 
+    if args.before:
+        implementations.add_revision(args.before, ROOT)
     suite = workloads.suite(args.device, tuple(memory_steps))
     keys = _selected(args.workloads, sorted({w.key.split("-")[0] for w in suite}), "workloads")
     suite = [w for w in suite if w.key.split("-")[0] in keys]
@@ -322,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(render.text_report(report))
+    if args.merge_into is not None:
+        report = merged(json.loads(args.merge_into.read_text()), report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
     print(f"\nsaved {args.json}")
@@ -329,6 +359,28 @@ def main(argv: list[str] | None = None) -> int:
         written = render.write_markdown(report, args.markdown)
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def merged(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``new``'s workloads added or replaced, each marked with its run.
+
+    Ratios stay within one run: every workload's implementations come from the same run.
+    """
+    env = new["environment"]
+    run = {
+        "date_utc": env["date_utc"],
+        "mode": new["mode"],
+        "load_average_at_start": env["load_average_at_start"],
+        "libraries": env["libraries"],
+    }
+    out = json.loads(json.dumps(base))
+    out["results"].update(new["results"])
+    out["workloads"].update(new["workloads"])
+    out["implementations"].update(new["implementations"])
+    runs = out.setdefault("workload_runs", {})
+    runs.update(dict.fromkeys(new["workloads"], run))
+    out["targets"] = check_targets(out["results"], out["settings"]["memory_steps"])
+    return out
 
 
 def _finite(value: Any) -> Any:

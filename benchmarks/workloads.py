@@ -17,6 +17,15 @@ Workloads (the keys used in tables, JSON and on the command line):
   parameters, with the default ``copy_initial_weights=True``; ``5b`` with ``False`` (MAML).
 * ``6`` memory: peak memory of one meta-iteration for 5, 20 and 50 inner steps, with the
   graph through the inner loop kept (tracked) and without it (first order).
+* Real models, each with an inner SGD (key without suffix), SGD-momentum 0.9 (``m``) and
+  Adam (``a``), second order, outer Adam: ``3m``/``3a`` the Omniglot conv net of workload
+  3; ``7`` a ResNet-18-shaped conv net with BatchNorm (11.2M parameters in 62 tensors) at
+  64x64 px, 5-way 1-shot, 5 queries, 2 tasks, 3 inner steps; ``8`` a BERT-tiny-shaped
+  transformer (``transformers``' ``BertForSequenceClassification``, 2 layers, hidden 128,
+  4.4M parameters, random initialisation, no dropout), 5-way sentence classification,
+  32 tokens, 2 tasks, 3 inner steps; ``9`` an LSTM language model (embedding 2000 x 128,
+  one LSTM layer of 256, decoder to the vocabulary), next-token loss over 4 x 16 tokens, 2
+  tasks, 3 inner steps.
 """
 
 from __future__ import annotations
@@ -94,6 +103,10 @@ class MamlProblem:
     outer_lr: float = 1e-3
     first_order: bool = False
     device: str = "cpu"
+    #: a real (large) model: compiled paths are skipped unless asked for
+    large: bool = False
+    #: modules the model needs (an optional benchmark extra), checked before building
+    requires: tuple[str, ...] = ()
 
     def model(self) -> nn.Module:
         """A fresh model, identical for every implementation (seeded), on the device."""
@@ -214,6 +227,115 @@ def memory_mlp() -> nn.Module:
     )
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs with BatchNorm, identity or 1x1 shortcut."""
+
+    def __init__(self, channels_in: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride, 1, bias=False)
+        self.bn1 = _batch_norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = _batch_norm(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or channels_in != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels, 1, stride, bias=False), _batch_norm(channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, track_running_stats=False)
+
+
+def resnet18(ways: int = 5) -> nn.Module:
+    """ResNet-18's layout (He et al., 2016): 7x7 stem, 4 stages of 2 basic blocks (64-512
+    channels), global average pool, linear; 11.2M parameters in 62 tensors.  BatchNorm uses
+    batch statistics only, as in :func:`omniglot_convnet`."""
+    stages: list[nn.Module] = []
+    channels_in = 64
+    for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages += [BasicBlock(channels_in, channels, stride), BasicBlock(channels, channels, 1)]
+        channels_in = channels
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        _batch_norm(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, ways),
+    )
+
+
+BERT_VOCAB = 30522
+
+
+class BertClassifier(nn.Module):
+    """BERT-tiny's shape (2 layers, hidden 128, 2 heads, feed-forward 512) from
+    ``transformers``, randomly initialised, dropout off; returns the logits."""
+
+    def __init__(self, ways: int = 5) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=BERT_VOCAB,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=ways,
+            attn_implementation="eager",  # CPU flash attention has no second derivative
+        )
+        self.bert = BertForSequenceClassification(config)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.bert(input_ids=tokens).logits
+
+
+def bert_tiny() -> nn.Module:
+    return BertClassifier()
+
+
+LSTM_VOCAB = 2000
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding 2000 x 128, one LSTM layer of 256 units, linear decoder to the vocabulary;
+    ``forward(tokens)`` gives next-token logits ``[batch, vocab, time]`` (cross-entropy's
+    layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(LSTM_VOCAB, 128)
+        self.lstm = nn.LSTM(128, 256, batch_first=True)
+        self.decoder = nn.Linear(256, LSTM_VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden, _ = self.lstm(self.embedding(tokens))
+        return self.decoder(hidden).transpose(1, 2)
+
+
+def lstm_lm() -> nn.Module:
+    return LSTMLanguageModel()
+
+
+#: The real models by name (``benchmarks/plan_thresholds.py`` reads their shapes).
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": resnet18,
+    "bert_tiny": bert_tiny,
+    "lstm_lm": lstm_lm,
+    "omniglot": omniglot_convnet,
+}
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -249,6 +371,54 @@ def image_tasks(
 
     x_s, y_s = sample(shots)
     x_q, y_q = sample(queries)
+    return Tasks(x_s, y_s, x_q, y_q)
+
+
+def _resized(tasks: Tasks, size: int, channels: int) -> Tasks:
+    """Image tasks at ``size`` px with ``channels`` channels (bilinear, repeated channels)."""
+
+    def resize(images: Tensor) -> Tensor:
+        t, n = images.shape[:2]
+        flat = F.interpolate(images.reshape(t * n, *images.shape[2:]), size=size, mode="bilinear")
+        return flat.repeat(1, channels, 1, 1).reshape(t, n, channels, size, size)
+
+    return Tasks(resize(tasks.x_support), tasks.y_support, resize(tasks.x_query), tasks.y_query)
+
+
+def token_tasks(
+    tasks: int, ways: int, shots: int, queries: int, length: int, generator: torch.Generator
+) -> Tasks:
+    """Sentence-classification tasks: each class a random token distribution over a slice of
+    the vocabulary; labels 0..ways-1."""
+    starts = torch.randint(0, BERT_VOCAB - 200, (tasks, ways, 1, 1), generator=generator)
+
+    def sample(per_class: int) -> tuple[Tensor, Tensor]:
+        offsets = torch.randint(0, 200, (tasks, ways, per_class, length), generator=generator)
+        tokens = (starts + offsets).reshape(tasks, ways * per_class, length)
+        labels = torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1)
+        return tokens, labels.contiguous()
+
+    x_s, y_s = sample(shots)
+    x_q, y_q = sample(queries)
+    return Tasks(x_s, y_s, x_q, y_q)
+
+
+def text_tasks(tasks: int, batch: int, length: int, generator: torch.Generator) -> Tasks:
+    """Language-model tasks: each task a random first-order Markov chain over the vocabulary
+    (a few likely successors per token); targets are the next tokens."""
+    successors = torch.randint(0, LSTM_VOCAB, (tasks, LSTM_VOCAB, 4), generator=generator)
+
+    def sample() -> tuple[Tensor, Tensor]:
+        tokens = torch.empty(tasks, batch, length + 1, dtype=torch.long)
+        tokens[..., 0] = torch.randint(0, LSTM_VOCAB, (tasks, batch), generator=generator)
+        for t in range(length):
+            choice = torch.randint(0, 4, (tasks, batch, 1), generator=generator)
+            rows = successors.gather(1, tokens[..., t : t + 1].expand(-1, -1, 4))
+            tokens[..., t + 1] = rows.gather(2, choice).squeeze(2)
+        return tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()
+
+    x_s, y_s = sample()
+    x_q, y_q = sample()
     return Tasks(x_s, y_s, x_q, y_q)
 
 
@@ -349,6 +519,55 @@ def memory_problem(steps: int, first_order: bool, device: str) -> MamlProblem:
     )
 
 
+#: The inner optimizers of the real-model workloads, by key suffix.
+REAL_MODEL_INNER = {
+    "": ("SGD", InnerOptimizer("sgd", {"lr": 0.1})),
+    "m": ("SGD-momentum", InnerOptimizer("sgd", {"lr": 0.01, "momentum": 0.9})),
+    "a": ("Adam", InnerOptimizer("adam", {"lr": 1e-3})),
+}
+
+
+def real_model_problems(device: str) -> list[MamlProblem]:
+    """Workloads 3m, 3a, 7, 7m, 7a, 8, 8m, 8a, 9, 9m, 9a (see the module docstring)."""
+    generator = torch.Generator().manual_seed(SEED)
+    omniglot = image_tasks(4, 5, 1, 15, generator)
+    images = _resized(image_tasks(2, 5, 1, 1, generator), 64, 3)
+    sentences = token_tasks(2, 5, 1, 2, 32, generator)
+    text = text_tasks(2, 4, 16, generator)
+    models = [
+        ("3", "Omniglot-shaped MAML, conv net, 4 tasks, 5 inner", omniglot_convnet, omniglot, 5),
+        ("7", "ResNet-18-shaped, BatchNorm, 64 px, 2 tasks, 3 inner", resnet18, images, 3),
+        (
+            "8",
+            "BERT-tiny-shaped (transformers), 32 tokens, 2 tasks, 3 inner",
+            bert_tiny,
+            sentences,
+            3,
+        ),
+        ("9", "LSTM language model, 4 x 16 tokens, 2 tasks, 3 inner", lstm_lm, text, 3),
+    ]
+    problems = []
+    for key, title, build, tasks, steps in models:
+        for suffix, (label, inner) in REAL_MODEL_INNER.items():
+            if key == "3" and not suffix:
+                continue  # workload 3 itself (inner SGD at lr 0.4) is defined above
+            problems.append(
+                MamlProblem(
+                    key=key + suffix,
+                    title=f"{title} {label} steps",
+                    build_model=build,
+                    tasks=_to(tasks, device),
+                    loss=F.cross_entropy,
+                    inner=inner,
+                    inner_steps=steps,
+                    device=device,
+                    large=key != "3",
+                    requires=("transformers",) if build is bert_tiny else (),
+                )
+            )
+    return problems
+
+
 def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> list[Workload]:
     """Every workload, in report order."""
     timed = [
@@ -389,4 +608,7 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
         for first_order in (False, True)
         for steps in memory_steps
     ]
+    real = [Workload(p.key, "maml", p) for p in real_model_problems(device)]
+    after_3 = next(i for i, w in enumerate(timed) if w.key == "3") + 1
+    timed = timed[:after_3] + real[:2] + timed[after_3:] + real[2:]
     return timed + [Workload(p.key, "memory", p, measures_time=False) for p in memory]

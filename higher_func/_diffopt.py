@@ -41,6 +41,7 @@ from ._dropin_checks import (
     detached_deepcopy,
 )
 from ._errors import unknown_override, unsupported_optimizer
+from ._execution import Plan, plan
 from ._from_torch import DeferredImport, seeds_from_defaults
 from ._rules._core import IMPLEMENTATION_FLAGS
 from ._rules._registry import (
@@ -500,7 +501,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             if all(g is None for g in grads):
                 continue
             rule, state = self._current_rule(i, group)
-            if self._track_higher_grads and _flat_step_applies(rule, group["params"], grads):
+            if self._track_higher_grads and plan(group["params"], grads, rule=rule) is Plan.FLAT:
                 flat = _as_flat_state(state, group["params"])
                 if flat is not None or state is None:
                     group["params"] = self._flat_step(i, rule, flat, group["params"], grads)
@@ -1292,33 +1293,6 @@ def _as_flat_state(state: Any, params: list[Tensor]) -> _FlatState | None:
         else:
             return None
     return _FlatState(state._replace(**fields), None, None)
-
-
-def _flat_step_applies(rule: Any, params: list[Tensor], grads: Sequence[Any]) -> bool:
-    """Whether a recorded step of this group may run on one flat tensor."""
-    spec = getattr(rule, "spec", None)
-    if spec is None or not spec.elementwise or len(params) < 2:
-        return False
-    if not spec.fields(rule.hyperparameters):
-        return False  # a stateless rule (plain SGD) is one op per parameter: nothing to gain
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False  # nothing to record (the batched foreach path serves), or compiled
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    first = params[0]
-    if not first.dtype.is_floating_point:
-        return False
-    if not all(p.is_contiguous() for p in params):
-        return False  # e.g. channels_last weights: the views would be contiguous instead
-    for t in (*params, *grads):
-        if not isinstance(t, Tensor) or t.layout != torch.strided:
-            return False
-        if t.dtype != first.dtype or t.device != first.device:
-            return False
-    return all(
-        not isinstance(v, Mapping) and (not isinstance(v, Tensor) or v.dim() == 0)
-        for v in optree.tree_leaves(rule.hyperparameters, none_is_leaf=True)
-    )
 
 
 def _reusable(state: Any, params: list[Tensor]) -> TypeGuard[_FlatState]:

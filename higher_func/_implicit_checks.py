@@ -131,8 +131,7 @@ def check_same_structure(name: str, tree: Any, other_name: str, other: Any, shap
             strict=True,
         )
         same = all(
-            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
-            for a, b in pairs
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape for a, b in pairs
         )
     if not same:
         raise ValueError(

@@ -400,43 +400,24 @@ def test_from_torch_optimizer_ignores_scheduler_bookkeeping() -> None:
 def test_foreach_path_equals_per_tensor_path(
     case: OptimizerCase, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from higher_func._rules import _core
+    from higher_func import _execution
 
     params, grads = params_and_grads()
     params = {**params, "x": torch.randn(4, 1, dtype=torch.float64)}
     grads = {**grads, "x": torch.zeros(4, 1, dtype=torch.float64)}  # zero moments too
     calls = []
-    monkeypatch.setattr(_core, "can_batch", lambda ts, others=(): calls.append(len(ts)) or True)
+
+    def foreach(tensors, grads=(), *, others=(), rule=None):
+        calls.append(len(tensors))
+        return _execution.Plan.FOREACH
+
+    monkeypatch.setattr(_execution, "plan", foreach)
     batched, batched_state = step_n(case.factory(**options), params, grads)
     assert calls == [3, 3, 3]  # the foreach path really ran, over all three tensors
-    monkeypatch.setattr(_core, "can_batch", lambda ts, others=(): False)
+    monkeypatch.setattr(_execution, "plan", lambda *a, **k: _execution.Plan.PER_TENSOR)
     single, single_state = step_n(case.factory(**options), params, grads)
     torch.testing.assert_close(batched, single, rtol=1e-15, atol=1e-300)
     torch.testing.assert_close(batched_state, single_state, rtol=1e-15, atol=1e-300)
-
-
-def test_eager_steps_take_the_foreach_path_and_transforms_do_not() -> None:
-    from higher_func._rules._tensor_list import can_batch
-
-    tensors = [torch.ones(2), torch.ones(3)]
-    assert can_batch(tensors)
-    assert not can_batch(tensors[:1])
-    seen = []
-    torch.func.vmap(lambda x: seen.append(can_batch([x, x])) or x)(torch.ones(3, 2))
-    torch.func.grad(lambda x: seen.append(can_batch([x, x])) or x.sum())(torch.ones(2))
-    assert seen == [False, False]
-
-
-def test_recorded_steps_take_the_per_tensor_path() -> None:
-    """A recorded foreach op saves all its inputs for backward: more memory than per-tensor."""
-    from higher_func._rules._tensor_list import can_batch
-
-    leaf = torch.ones(2, requires_grad=True)
-    plain = [torch.ones(2), torch.ones(3)]
-    assert not can_batch([leaf, *plain])
-    assert not can_batch(plain, [leaf])  # e.g. a learned learning rate
-    with torch.no_grad():
-        assert can_batch([leaf, *plain])
 
 
 def test_complex_parameters_are_refused() -> None:

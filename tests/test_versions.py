@@ -23,7 +23,7 @@ def torch_2_4(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_versions_are_read_from_torch() -> None:
     assert _versions._parse("2.4.1+cu121") == (2, 4)
     assert _versions._parse("2.14.0a0+git1234") == (2, 14)
-    assert _versions.TORCH_VERSION == _versions._parse(torch.__version__)
+    assert _versions._parse(torch.__version__) == _versions.TORCH_VERSION
     assert _versions.torch_at_least("2.4")
     with pytest.raises(ValueError, match="cannot read a torch version from 'nightly'"):
         _versions._parse("nightly")

@@ -17,10 +17,11 @@ import optree
 import torch
 from torch import Tensor
 
+from .. import _execution
 from .._errors import unknown_override
 from ._checks import check_grad, check_hyperparameter_types
 from ._math import ARITHMETIC_KEY, ARITHMETICS, TORCH, safe_sqrt
-from ._tensor_list import TensorList, can_batch
+from ._tensor_list import TensorList
 
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
@@ -176,7 +177,9 @@ class Rule:
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
         shared = _is_shared(hyperparameters)
-        if shared and self._can_batch(leaves, active, grad_leaves, columns, hyperparameters):
+        if shared and self._plan(leaves, active, grad_leaves, columns, hyperparameters) is (
+            _execution.Plan.FOREACH
+        ):
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
@@ -205,9 +208,7 @@ class Rule:
             )
         return optree.tree_unflatten(treespec, new_params), state
 
-    def _check_grads(
-        self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any
-    ) -> None:
+    def _check_grads(self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any) -> None:
         """Each gradient shaped and typed like its parameter (sparse ones densified where
         the rule accepts them); the paths are formatted only for an error."""
         sparse = self.spec.sparse_grads
@@ -218,22 +219,19 @@ class Rule:
                 grads[i] = check_grad(self.name, _path_of(treespec, i), p, g, sparse)
 
     @staticmethod
-    def _can_batch(
+    def _plan(
         leaves: list[Tensor],
         active: list[int],
         grads: list[Tensor | None],
         columns: dict[str, list[Tensor]],
         hyperparameters: Hyperparameters,
-    ) -> bool:
-        if torch.is_grad_enabled() and any(leaves[i].requires_grad for i in active):
-            return False  # the common MAML case, decided without gathering the rest
-        hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
-        others: list[Tensor] = [
-            *(g for g in grads if g is not None),
-            *(t for column in columns.values() for t in column),
-            *(v for v in hyper_leaves if isinstance(v, Tensor)),
-        ]
-        return can_batch([leaves[i] for i in active], others)
+    ) -> _execution.Plan:
+        def others() -> Iterable[Tensor]:  # read only when the plan depends on them
+            yield from (t for column in columns.values() for t in column)
+            hyper_leaves: list[Any] = optree.tree_leaves(hyperparameters)  # type: ignore[arg-type]
+            yield from (v for v in hyper_leaves if isinstance(v, Tensor))
+
+        return _execution.plan([leaves[i] for i in active], grads, others=others())
 
     def _with_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         if not overrides:

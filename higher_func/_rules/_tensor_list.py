@@ -12,13 +12,13 @@ know which way it runs.  The values are those of the per-tensor kernel up to rou
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["TensorList", "can_batch", "is_number"]
+__all__ = ["TensorList", "is_number"]
 
 
 def is_number(value: Any) -> bool:
@@ -27,26 +27,6 @@ def is_number(value: Any) -> bool:
     if kind is float or kind is int:  # the common case, without the slower ABC check
         return True
     return kind is not bool and isinstance(value, numbers.Real)
-
-
-def can_batch(tensors: Sequence[Tensor], others: Sequence[Tensor] = ()) -> bool:
-    """Whether the foreach path applies to a step over ``tensors`` (reading ``others`` too).
-
-    Only in eager mode, outside functorch transforms, and when autograd records nothing:
-    ``torch._foreach_*`` ops have no ``vmap`` batching rule; under ``torch.compile`` the
-    per-tensor kernel is what the compiler fuses best; and a recorded foreach op saves
-    every input list for its backward (per-tensor ops save only what they need), which
-    measured 1.8x higher's peak memory over 50 tracked MAML steps.
-    """
-    if len(tensors) < 2 or torch.compiler.is_compiling():
-        return False
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        return False  # dual tensors may flow (forward-mode AD): the per-tensor path serves
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *others)):
-        return False
-    return len({(t.device, t.layout) for t in tensors}) == 1 and tensors[0].layout == torch.strided
 
 
 class TensorList:

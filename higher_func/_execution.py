@@ -1,0 +1,176 @@
+"""The execution planner: how one step of an update rule runs over a set of tensors.
+
+Every rule is written once, as a kernel over single tensors (``_rules/``).  A step can run
+that kernel three ways, with the same values (the flat and per-tensor plans do the same
+arithmetic element by element; foreach ops may differ from the per-tensor ops in the last
+bit):
+
+* :attr:`Plan.PER_TENSOR`: once per tensor.  What ``vmap`` and ``torch.compile`` need
+  (``torch._foreach_*`` ops have no batching rule, and the compiler fuses the per-tensor
+  ops best), and what a recorded step of large tensors runs fastest.
+* :attr:`Plan.FOREACH`: once over a :class:`~higher_func._rules._tensor_list.TensorList`,
+  one ``torch._foreach_*`` op per line of the kernel.  Only where autograd records
+  nothing: a recorded foreach op saves every input list for its backward (per-tensor ops
+  save only what they need), which measured 1.8x higher's peak memory over 50 tracked
+  MAML steps.
+* :attr:`Plan.FLAT`: once over the tensors of a parameter group concatenated into one
+  (the differentiable optimizers' flat groups, ``_diffopt._FlatState``): while autograd
+  records, one autograd node per line of the kernel instead of one per line and tensor.
+
+This module is the only place that asks what decides between them: the number and sizes
+of the tensors, their dtype, layout and device, whether autograd records, and whether a
+functorch transform (``vmap``, ``grad``) or ``torch.compile`` is tracing.  :func:`plan`
+answers for a rule's step (``Rule.step``) and for a differentiable optimizer's parameter
+group (``rule=`` given, where :attr:`Plan.FLAT` is allowed).
+
+When flat pays (measured by ``benchmarks/plan_thresholds.py``, whose saved output
+``benchmarks/results/plan_thresholds.txt`` is shown in ``docs/performance.md``).  A
+recorded flat step saves per-tensor overhead (a few microseconds per op and tensor,
+forward and backward) but pays in memory traffic: the first step concatenates weights and
+gradients, and element-wise ops over one tensor of many megabytes run at DRAM bandwidth
+(on fresh pages from ``mmap``) where the per-tensor kernel keeps each parameter's few
+lines in cache.  So the saving grows with the number of tensors and the cost with their
+size: flat pays when the mean tensor is small.  On the development CPU (2 shared cores,
+float32, 1 thread, 3 recorded Adam or SGD-momentum steps and the outer backward; time per
+tensor / time flat, above 1 flat is faster; measured under a load average of about 5)::
+
+    tensors x elements    mean KiB  total MiB   Adam  momentum
+    64 x 4096                   16          1   1.86     1.28
+    256 x 4096                  16          4   2.00     1.38
+    256 x 8192                  32          8   1.45     1.04
+    64 x 16384                  64          4   1.16     1.12
+    16 x 16384                  64          1   1.04     0.88
+    64 x 32768                 128          8   0.78     0.97
+    16 x 65536                 256          4   0.84     0.91
+    4 x 262144                1024          4   0.74     0.86
+    Omniglot conv net (18)      24       0.43   1.38     0.94
+    LSTM LM (7)                650        4.4   0.92     0.80
+    BERT-tiny (41)             418         17   0.95     0.91
+    ResNet-18 (62)             704         43   0.43     0.76
+
+Hence the limits on the CPU: flat when the group's mean tensor is at most
+:data:`FLAT_MAX_MEAN_BYTES` (64 KiB) and the group at most :data:`FLAT_MAX_BYTES`
+(8 MiB; above it, 256 x 16384, 16 MiB, measured 0.38x and 0.67x with Adam in two
+runs).  On accelerators, where a kernel launch costs the same few microseconds whatever
+its size, groups are stepped flat at every size, as before these limits existed, until
+a measurement there says otherwise.
+Re-measure with::
+
+    PYTHONPATH=$PWD python benchmarks/plan_thresholds.py            # CPU
+    PYTHONPATH=$PWD python benchmarks/plan_thresholds.py --device cuda
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = ["FLAT_MAX_BYTES", "FLAT_MAX_MEAN_BYTES", "Plan", "plan", "records", "under_transform"]
+
+#: The largest parameter group (bytes of its weights) stepped flat on the CPU.
+FLAT_MAX_BYTES = 8 * 2**20
+#: The largest mean tensor size (bytes) of a parameter group stepped flat on the CPU.
+FLAT_MAX_MEAN_BYTES = 64 * 2**10
+
+
+class Plan(enum.Enum):
+    """How a step runs its per-tensor kernel (see the module docstring)."""
+
+    PER_TENSOR = "per tensor"
+    FOREACH = "foreach"
+    FLAT = "flat"
+
+
+def under_transform() -> bool:
+    """Whether ``torch.compile`` or a functorch transform (``vmap``, ``grad``) is tracing."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad`` level is open: dual tensors may flow, and the
+    per-tensor kernel is the one that carries their tangents exactly."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def records(tensors: Iterable[Tensor]) -> bool:
+    """Whether autograd records an op on any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def plan(
+    tensors: Sequence[Tensor],
+    grads: Sequence[Tensor | None] = (),
+    *,
+    others: Iterable[Tensor] = (),
+    rule: Any = None,
+) -> Plan:
+    """How one step of a rule runs over ``tensors`` (the parameters being updated).
+
+    Args:
+        tensors: the parameters the step updates (those with a gradient).
+        grads: their gradients.
+        others: every other tensor the step reads (state, tensor hyperparameters); read
+            only when the answer depends on them, so a generator costs nothing otherwise.
+        rule: a differentiable optimizer's rule for a whole parameter group: then the
+            group may be stepped :attr:`Plan.FLAT`.  ``None`` for a pure rule's step.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> from higher_func._execution import plan
+        >>> small = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+        >>> plan(small, [torch.ones(3), torch.ones(2)], rule=hf.optim.adam()).name
+        'FLAT'
+        >>> plan(small).name, plan([t.detach() for t in small]).name
+        ('PER_TENSOR', 'FOREACH')
+    """
+    if len(tensors) < 2 or under_transform() or _forward_ad_active():
+        return Plan.PER_TENSOR
+    if records(tensors):
+        if rule is not None and _flat_pays(rule, tensors, grads):
+            return Plan.FLAT
+        return Plan.PER_TENSOR  # the common MAML case, decided without reading the rest
+    if rule is not None:
+        return Plan.PER_TENSOR  # nothing recorded: the rule's own step plans foreach
+    if records(others) or records(g for g in grads if g is not None):
+        return Plan.PER_TENSOR  # e.g. a learned learning rate: recorded after all
+    first = tensors[0]
+    if first.layout != torch.strided:
+        return Plan.PER_TENSOR
+    if any(t.device != first.device or t.layout != first.layout for t in tensors):
+        return Plan.PER_TENSOR
+    return Plan.FOREACH
+
+
+def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> bool:
+    """Whether a recorded step of a whole group may, and should, run on one flat tensor."""
+    spec = getattr(rule, "spec", None)
+    if spec is None or not spec.elementwise:
+        return False
+    if not spec.fields(rule.hyperparameters):
+        return False  # a stateless rule (plain SGD) is one op per parameter: nothing to gain
+    first = params[0]
+    if not first.dtype.is_floating_point:
+        return False
+    if not all(p.is_contiguous() for p in params):
+        return False  # e.g. channels_last weights: the views would be contiguous instead
+    for t in (*params, *grads):
+        if not isinstance(t, Tensor) or t.layout != torch.strided:
+            return False
+        if t.dtype != first.dtype or t.device != first.device:
+            return False
+    if first.device.type == "cpu":
+        size = sum(p.numel() for p in params) * first.element_size()
+        if size > FLAT_MAX_BYTES or size > FLAT_MAX_MEAN_BYTES * len(params):
+            return False  # memory traffic outweighs the per-tensor overhead saved
+    values = rule.hyperparameters.values()
+    if any(isinstance(v, Mapping) for v in values):
+        return False  # per-parameter values: each parameter needs its own
+    leaves: list[Any] = optree.tree_leaves(list(values), none_is_leaf=True)  # type: ignore[arg-type]
+    return all(not isinstance(v, Tensor) or v.dim() == 0 for v in leaves)
