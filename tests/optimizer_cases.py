@@ -175,9 +175,7 @@ OPTION_IDS = [
 #: same dtype (the default suite steps each optimizer's first option set, the slow pass all).
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 LOW_PRECISION_CASES = [
-    (case, options, dtype)
-    for case, options in OPTION_CASES
-    for dtype in LOW_PRECISION_DTYPES
+    (case, options, dtype) for case, options in OPTION_CASES for dtype in LOW_PRECISION_DTYPES
 ]
 LOW_PRECISION_IDS = [
     f"{option_id}-{str(dtype).removeprefix('torch.')}"

@@ -51,8 +51,10 @@ def _update(
     ax = where(step_value(mu) == 1, param, ax + (param - ax) * mu)
     # eta and mu are kept in torch's scalar dtype (float32 under a float32 default dtype).
     t = step_value(step)
-    new_mu = 1 / max(1.0, t - hp["t0"]) if isinstance(t, float) else 1 / torch.clamp(
-        step - hp["t0"], min=1
+    new_mu = (
+        1 / max(1.0, t - hp["t0"])
+        if isinstance(t, float)
+        else 1 / torch.clamp(step - hp["t0"], min=1)
     )
     new_state = {
         "step": step,

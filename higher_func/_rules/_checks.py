@@ -133,9 +133,7 @@ def _describe(value: Any) -> str:
 # --------------------------------------------------------------------------- gradients
 
 
-def check_grad(
-    name: str, path: str, param: Tensor, grad: Tensor, accepts_sparse: bool
-) -> Tensor:
+def check_grad(name: str, path: str, param: Tensor, grad: Tensor, accepts_sparse: bool) -> Tensor:
     """``grad`` checked against ``param``: same shape, same dtype, dense (or densified).
 
     torch.optim never broadcasts a gradient (its update is in place) and refuses one of

@@ -204,9 +204,7 @@ class Rule:
             )
         return optree.tree_unflatten(treespec, new_params), state
 
-    def _check_grads(
-        self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any
-    ) -> None:
+    def _check_grads(self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any) -> None:
         """Each gradient shaped and typed like its parameter (sparse ones densified where
         the rule accepts them); the paths are formatted only for an error."""
         sparse = self.spec.sparse_grads

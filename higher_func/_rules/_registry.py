@@ -89,7 +89,7 @@ def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_arithmetic(factory: RuleFactory, arithmetic: str) -> RuleFactory:
     """``factory`` building its rules with ``arithmetic`` (one wrapper per pair, so callers
     may cache by factory)."""
