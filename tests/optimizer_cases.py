@@ -189,12 +189,118 @@ OPTION_IDS = [
 #: same dtype (the default suite steps each optimizer's first option set, the slow pass all).
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 LOW_PRECISION_CASES = [
-    (case, options, dtype)
-    for case, options in OPTION_CASES
-    for dtype in LOW_PRECISION_DTYPES
+    (case, options, dtype) for case, options in OPTION_CASES for dtype in LOW_PRECISION_DTYPES
 ]
 LOW_PRECISION_IDS = [
     f"{option_id}-{str(dtype).removeprefix('torch.')}"
     for option_id in OPTION_IDS
     for dtype in LOW_PRECISION_DTYPES
 ]
+
+
+# --------------------------------------------------------------------------- error cases
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """A misuse, and the error it gets from every entry point (``rule.step`` and
+    ``diffopt.step``), matched by message.  The parameter is one ``(3, 1)`` weight."""
+
+    name: str
+    torch_class: type[torch.optim.Optimizer]
+    options: dict[str, Any]
+    error: type[Exception]
+    match: str
+    #: The gradient given instead of the right one (``None``: the right one).
+    bad_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: Hyperparameters of the wrong type (given to the factory; written into the diffopt's
+    #: ``param_groups`` before a step).
+    bad_options: dict[str, Any] = field(default_factory=dict)
+    #: Whether the case applies to the drop-in path too (pytree structure does not).
+    through_diffopt: bool = True
+
+
+ERROR_CASES = (
+    ErrorCase(
+        "grad-of-wrong-shape",
+        torch.optim.SGD,
+        {"lr": 0.1},
+        ValueError,
+        r"has shape \(3,\) but params\S* has shape \(3, 1\); a gradient is never broadcast",
+        bad_grad=lambda g: g.reshape(3),
+    ),
+    ErrorCase(
+        "one-element-grad",
+        torch.optim.Adam,
+        {"lr": 0.1},
+        ValueError,
+        r"has shape \(1,\) but params\S* has shape \(3, 1\)",
+        bad_grad=lambda g: g[:1, 0],
+    ),
+    ErrorCase(
+        "grad-of-wrong-dtype-sgd",
+        torch.optim.SGD,
+        {"lr": 0.1},
+        TypeError,
+        r"is torch.float64 but params\S* is torch.float32.*grad.to\(torch.float32\)",
+        bad_grad=lambda g: g.double(),
+    ),
+    ErrorCase(
+        "grad-of-wrong-dtype-adam",
+        torch.optim.Adam,
+        {"lr": 0.1},
+        TypeError,
+        r"is torch.float64 but params\S* is torch.float32",
+        bad_grad=lambda g: g.double(),
+    ),
+    ErrorCase(
+        "sparse-grad-adam",
+        torch.optim.Adam,
+        {"lr": 0.1},
+        RuntimeError,
+        r"adam does not support sparse gradients.*torch.sparse_coo.*to_dense\(\)",
+        bad_grad=lambda g: g.to_sparse(),
+    ),
+    ErrorCase(
+        "sparse-grad-rmsprop",
+        torch.optim.RMSprop,
+        {"lr": 0.1},
+        RuntimeError,
+        r"rmsprop does not support sparse gradients",
+        bad_grad=lambda g: g.to_sparse(),
+    ),
+    ErrorCase(
+        "lr-none",
+        torch.optim.SGD,
+        {"lr": 0.1},
+        TypeError,
+        r"sgd\(\): lr must be a number or a floating-point tensor, got NoneType \(None\)",
+        bad_options={"lr": None},
+    ),
+    ErrorCase(
+        "lr-string",
+        torch.optim.SGD,
+        {"lr": 0.1},
+        TypeError,
+        r"lr must be a number .*got str \('0.1'\) \(a string: convert it with float\(\)\)",
+        bad_options={"lr": "0.1"},
+    ),
+    ErrorCase(
+        "beta-string",
+        torch.optim.Adam,
+        {"lr": 0.1},
+        TypeError,
+        r"adam\(\): betas\[1\] must be a number .*got str \('0.99'\)",
+        bad_options={"betas": (0.9, "0.99")},
+    ),
+    ErrorCase(
+        "momentum-integer-tensor",
+        torch.optim.SGD,
+        {"lr": 0.1},
+        TypeError,
+        r"momentum must be a number or a floating-point tensor, got a torch.int64 tensor",
+        bad_options={"momentum": torch.tensor(1)},
+    ),
+)
+
+ERROR_IDS = [case.name for case in ERROR_CASES]

@@ -157,8 +157,9 @@ def test_safe_sqrt_second_derivative_is_finite_at_zero() -> None:
 #: The gradient of a quadratic, written out so that forward mode needs no reverse pass;
 #: its second row and the last element of ``b`` get exactly zero gradients every step,
 #: so second moments stay exactly zero there (where ``sqrt``'s derivative is infinite).
-CURVATURE = torch.tensor([[1.5, -0.3, 0.2, 0.0], [0.0] * 4, [0.2, 0.4, 2.0, 0.0], [0.0] * 4],
-                         dtype=torch.float64)
+CURVATURE = torch.tensor(
+    [[1.5, -0.3, 0.2, 0.0], [0.0] * 4, [0.2, 0.4, 2.0, 0.0], [0.0] * 4], dtype=torch.float64
+)
 
 
 def forward_unroll(case: OptimizerCase, start: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -179,8 +180,10 @@ def forward_unroll(case: OptimizerCase, start: torch.Tensor, lr: torch.Tensor) -
 def forward_point(case: OptimizerCase) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     start = torch.tensor([0.4, -0.9, 1.3, 0.7], dtype=torch.float64)
     lr = torch.tensor(float(case.tensor_hyperparameters.get("lr", 0.01)), dtype=torch.float64)
-    tangents = (torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64),
-                torch.tensor(0.7, dtype=torch.float64))
+    tangents = (
+        torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64),
+        torch.tensor(0.7, dtype=torch.float64),
+    )
     return (start, lr), tangents
 
 
@@ -199,12 +202,13 @@ def test_forward_mode_equals_reverse_mode(case: OptimizerCase) -> None:
     expected = reverse_jvp(case, primals, tangents)
     assert torch.isfinite(expected).all()
     with torch.autograd.forward_ad.dual_level():
-        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        duals = [
+            torch.autograd.forward_ad.make_dual(p, t)
+            for p, t in zip(primals, tangents, strict=True)
+        ]
         dual_ad = torch.autograd.forward_ad.unpack_dual(forward_unroll(case, *duals)).tangent
     _, dual_jvp = torch.func.jvp(lambda *a: forward_unroll(case, *a), primals, tangents)
-    jac_w, jac_lr = torch.func.jacfwd(lambda *a: forward_unroll(case, *a), argnums=(0, 1))(
-        *primals
-    )
+    jac_w, jac_lr = torch.func.jacfwd(lambda *a: forward_unroll(case, *a), argnums=(0, 1))(*primals)
     dual_jacfwd = jac_w @ tangents[0] + jac_lr * tangents[1]
     for got in (dual_ad, dual_jvp, dual_jacfwd):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -141,7 +141,9 @@ def in_dtype_of(value: Any, scalar_state: Any) -> Any:
     scalar state keeps torch.optim's dtype, as its in-place update does."""
     if isinstance(scalar_state, TensorList):
         values = value.items if isinstance(value, TensorList) else [value] * len(scalar_state)
-        return TensorList(in_dtype_of(v, s) for v, s in zip(values, scalar_state.items))
+        return TensorList(
+            in_dtype_of(v, s) for v, s in zip(values, scalar_state.items, strict=True)
+        )
     return value.to(scalar_state.dtype) if isinstance(value, Tensor) else value
 
 

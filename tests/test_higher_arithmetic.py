@@ -1,0 +1,196 @@
+"""The drop-in path computes higher's float32 numbers: a migrated program's trace does not move.
+
+higher 0.2.1 (like hand-written MAML) updates with two-op forms (``p - lr * g``); torch.optim
+uses fused ops (``torch.sub(p, g, alpha=lr)``), which round once where the former round twice.
+The differentiable optimizers build their rules with ``arithmetic="higher"``; the pure rules
+default to torch.optim's ops (see ``higher_func/_rules/_math.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import higher_func as hf
+
+STEPS = 10
+
+
+def conv_bn_net() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+    )
+
+
+def task() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(8, 1, 10, 10, generator=generator), torch.randint(
+        0, 5, (8,), generator=generator
+    )
+
+
+def loss_of(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, y)
+
+
+def drop_in(library, opt_class, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The unchanged higher program: ``STEPS`` inner steps, then the meta-loss."""
+    x, y = task()
+    model = conv_bn_net()
+    opt = opt_class(model.parameters(), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # higher's deprecation warnings
+        with library.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(STEPS):
+                diffopt.step(loss_of(fmodel(x), y))
+            meta = loss_of(fmodel(x), y)
+            return meta.detach(), [p.detach() for p in fmodel.parameters()]
+
+
+def by_hand(update) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same loop written out, ``update(step, params, grads, state) -> params``."""
+    x, y = task()
+    model = conv_bn_net()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    state: dict = {}
+    for step in range(STEPS):
+        loss = loss_of(functional_call(model, params, (x,)), y)
+        grads = dict(
+            zip(
+                params,
+                torch.autograd.grad(loss, list(params.values()), create_graph=True),
+                strict=True,
+            )
+        )
+        params = update(step, params, grads, state)
+    meta = loss_of(functional_call(model, params, (x,)), y)
+    return meta.detach(), [p.detach() for p in params.values()]
+
+
+def sgd_by_hand(lr: float, momentum: float = 0.0, fused: bool = False):
+    def update(step, params, grads, state):
+        new = {}
+        for n, p in params.items():
+            g = grads[n]
+            if momentum:
+                g = state[n] = g if step == 0 else state[n] * momentum + g
+            new[n] = torch.sub(p, g, alpha=lr) if fused else p - lr * g
+        return new
+
+    return update
+
+
+def adam_by_hand(lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    """torch.optim.Adam's formula, in higher's two-op forms."""
+    beta1, beta2 = betas
+
+    def update(step, params, grads, state):
+        t, new = step + 1, {}
+        for n, p in params.items():
+            g = grads[n]
+            m, v = state.get(n, (torch.zeros_like(p), torch.zeros_like(p)))
+            m = m * beta1 + (1 - beta1) * g
+            v = v * beta2 + (1 - beta2) * g * g
+            state[n] = (m, v)
+            denom = torch.sqrt(v) / (1 - beta2**t) ** 0.5 + eps
+            new[n] = p - lr / (1 - beta1**t) * (m / denom)
+        return new
+
+    return update
+
+
+def assert_same_trace(ours, reference) -> None:
+    (meta, params), (meta_ref, params_ref) = ours, reference
+    assert torch.allclose(meta, meta_ref)
+    assert all(torch.allclose(a, b) for a, b in zip(params, params_ref, strict=True))
+    # In fact bit for bit: the same ops in the same order.
+    assert torch.equal(meta, meta_ref)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_ref, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("options", "reference"),
+    [
+        ({"lr": 0.37}, sgd_by_hand(0.37)),
+        ({"lr": 0.3, "momentum": 0.9}, sgd_by_hand(0.3, momentum=0.9)),
+    ],
+    ids=["sgd", "momentum"],
+)
+def test_drop_in_sgd_equals_hand_written_maml(options, reference) -> None:
+    assert_same_trace(drop_in(hf, torch.optim.SGD, **options), by_hand(reference))
+
+
+def test_the_fused_op_would_move_the_trace() -> None:
+    """What the test above guards against: the fused update is not the same program."""
+    _, fused = by_hand(sgd_by_hand(0.37, fused=True))
+    _, two_op = by_hand(sgd_by_hand(0.37))
+    assert not all(torch.equal(a, b) for a, b in zip(fused, two_op, strict=True))
+
+
+def test_drop_in_adam_equals_torch_formula_in_higher_forms() -> None:
+    assert_same_trace(drop_in(hf, torch.optim.Adam, lr=0.05), by_hand(adam_by_hand(0.05)))
+
+
+@pytest.mark.parametrize(
+    ("opt_class", "options"),
+    [
+        (torch.optim.SGD, {"lr": 0.37}),
+        (torch.optim.SGD, {"lr": 0.3, "momentum": 0.9}),
+        (torch.optim.SGD, {"lr": 0.3, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}),
+        *(
+            pytest.param(opt_class, options, marks=pytest.mark.slow)
+            for opt_class, options in [
+                (torch.optim.Adagrad, {"lr": 0.1}),
+                (torch.optim.Adadelta, {"lr": 1.0}),
+                (torch.optim.Adamax, {"lr": 0.05}),
+                (torch.optim.ASGD, {"lr": 0.1}),
+                (torch.optim.RMSprop, {"lr": 0.01}),
+            ]
+        ),
+    ],
+    ids=[
+        "sgd",
+        "momentum",
+        "nesterov-weight-decay",
+        "adagrad",
+        "adadelta",
+        "adamax",
+        "asgd",
+        "rmsprop",
+    ],
+)
+def test_drop_in_equals_higher_itself(opt_class, options) -> None:
+    higher = pytest.importorskip("higher")
+    assert_same_trace(drop_in(hf, opt_class, **options), drop_in(higher, opt_class, **options))
+
+
+def test_drop_in_adam_has_highers_moments_and_torchs_eps() -> None:
+    """higher 0.2.1's Adam adds eps before the bias correction (torch < 1.5's formula); the
+    drop-in keeps torch.optim's. The moments are higher's bit for bit; the first step differs
+    by the eps placement only."""
+    higher = pytest.importorskip("higher")
+    x, y = task()
+    states = []
+    for library in (hf, higher):
+        model = conv_bn_net()
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        with library.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            diffopt.step(loss_of(fmodel(x), y))
+            states.append(diffopt.state[0])
+    ours, theirs = states
+    for k in theirs:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours[k][key], theirs[k][key])
