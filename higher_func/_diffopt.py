@@ -228,8 +228,8 @@ class DifferentiableOptimizer(abc.ABC):
         Raises:
             ValueError: ``loss`` is not a scalar, or depends on none of the fast weights (the
                 classic ``model(x)`` for ``fmodel(x)``), or a hyperparameter this step uses is
-                invalid (torch's wording; values are checked when a step uses them, not when
-                the optimizer is built, as ``torch.optim`` does).
+                invalid (torch's wording; ``torch.optim`` checks only its constructor's
+                arguments, so values in ``param_groups`` are checked when a step uses them).
         """
         self._apply_schedule()
         if override is not None:
