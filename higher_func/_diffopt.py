@@ -225,6 +225,12 @@ class DifferentiableOptimizer(abc.ABC):
             The new fast weights (all of them, in ``reference_params`` order).  Parameters
             that do not require grad, or that ``loss`` does not use, are returned unchanged.
             They are also recorded in the fmodel (one history entry).
+
+        Raises:
+            ValueError: ``loss`` is not a scalar, or depends on none of the fast weights (the
+                classic ``model(x)`` for ``fmodel(x)``), or a hyperparameter this step uses is
+                invalid (torch's wording; ``torch.optim`` checks only its constructor's
+                arguments, so values in ``param_groups`` are checked when a step uses them).
         """
         self._apply_schedule()
         if override is not None:

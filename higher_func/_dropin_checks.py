@@ -81,6 +81,10 @@ def check_no_shared_parameter(group_to_param_list: Sequence[Sequence[int]]) -> N
             seen[k] = (g, position)
 
 
+#: The attributes every ``nn.Module`` has (its parameter, buffer, module and hook dicts).
+_MODULE_FIELDS: Final = frozenset(nn.Module().__dict__)
+
+
 def warn_parameters_in_plain_containers(walk: Iterable[tuple[str, nn.Module]]) -> None:
     """Warn (:data:`STALE_CONTAINER`) for each module attribute that is a plain list, tuple
     or dict holding one of the model's parameters: its fast weights would go stale."""
@@ -92,8 +96,12 @@ def warn_parameters_in_plain_containers(walk: Iterable[tuple[str, nn.Module]]) -
         if tensor is not None
     }
     for prefix, owner in walk:
+        # torch's own private lists are kept in sync by torch (RNNs' ``_flat_weights``).
+        from_torch = type(owner).__module__.startswith("torch.")
         for attribute, value in owner.__dict__.items():
-            if attribute.startswith("_") or not isinstance(value, list | tuple | dict):
+            if attribute in _MODULE_FIELDS or (from_torch and attribute.startswith("_")):
+                continue
+            if not isinstance(value, list | tuple | dict):
                 continue
             items = value.values() if isinstance(value, Mapping) else value
             for item in items:
