@@ -18,13 +18,26 @@ T = TypeVar("T")
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
-    """``iterable`` with a tqdm progress bar on a terminal when tqdm is installed, else as is."""
+    """``iterable`` with a tqdm progress bar on a terminal when tqdm is installed, else as is.
+
+    Print with :func:`write` while the bar runs, so lines and bar do not interleave.
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:
         yield from iterable
         return
     yield from tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+def write(line: str) -> None:
+    """Print ``line`` above a running progress bar (``tqdm.write``), or plainly without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line)
+        return
+    tqdm.write(line)
 
 
 def pyplot() -> Any | None:

@@ -1,18 +1,25 @@
-"""Quickstart: second-order MAML on sinusoid regression, with higher_func's pure rules.
+"""Quickstart: second-order MAML on sinusoid regression, a batch of tasks in one vmap.
 
-Runs in about half a minute on a CPU and prints the meta-loss (the query loss after five
-inner steps of SGD, averaged over 20 meta-batches) falling as the initial weights are
-meta-learned.
+Meta-learns the initial weights of a small regressor so that five inner SGD steps on ten
+points of a new sinusoid fit it well. ``higher_func.func.batched_meta_loss`` runs the
+inner loops of all tasks of a meta-batch at once (``vmap``) with the pure SGD rule
+``higher_func.optim.sgd``, and ``.backward()`` differentiates through every inner step.
 
-    python examples/quickstart.py [--iterations 100]
+Prints the meta-loss (the query loss after adaptation, averaged over 100 meta-batches)
+falling from about 3.4 to about 0.5. Measured: 18 s on a 2-core laptop-class CPU.
+
+    python examples/quickstart.py [--iterations 1000]
 """
+
+from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import torch
+from _common import progress, write
 from torch import nn
-from torch.func import functional_call, grad
 
 import higher_func as hf
 
@@ -26,13 +33,24 @@ def sample_tasks(n_tasks: int, shots: int, generator: torch.Generator):
     return (x[:, :shots], y[:, :shots]), (x[:, shots:], y[:, shots:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=100, help="meta-iterations")
-    parser.add_argument("--tasks", type=int, default=10, help="tasks per meta-batch")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--iterations", type=int, default=1000, help="meta-iterations")
+    parser.add_argument("--tasks", type=int, default=25, help="tasks per meta-batch")
     parser.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a few seconds' run (CI)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.iterations = 20
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # tensors this small run fastest on one thread
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = nn.Sequential(
@@ -40,35 +58,28 @@ def main() -> None:
     )
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     inner = hf.optim.sgd(lr=0.01)
+    f = hf.func.FunctionalModel(model)  # f(params, buffers, x): the model as a function
 
     def loss(params, x, y):
-        return nn.functional.mse_loss(functional_call(model, params, (x,)), y)
+        return nn.functional.mse_loss(f(params, None, x), y)
 
-    def adapted_query_loss(params, support, query):
-        state = inner.init(params)
-        for _ in range(args.inner_steps):
-            params, state = inner.step(params, grad(loss)(params, *support), state)
-        return loss(params, *query)
-
-    window = []
-    for iteration in range(1, args.iterations + 1):
-        (xs, ys), (xq, yq) = sample_tasks(args.tasks, 10, generator)
+    every = max(1, args.iterations // 10)
+    window, start = [], time.perf_counter()
+    for iteration in progress(range(1, args.iterations + 1), desc="meta-iterations"):
+        support, query = sample_tasks(args.tasks, 10, generator)
         params = dict(model.named_parameters())
-        meta_loss = (
-            sum(
-                adapted_query_loss(params, (xs[t], ys[t]), (xq[t], yq[t]))
-                for t in range(args.tasks)
-            )
-            / args.tasks
+        meta_loss = hf.func.batched_meta_loss(
+            loss, inner, params, support, query, steps=args.inner_steps
         )
         meta_opt.zero_grad()
-        meta_loss.backward()
+        meta_loss.backward()  # through all inner steps of every task
         meta_opt.step()
         window.append(meta_loss.item())
-        if iteration % 20 == 0:  # the mean over the last 20 meta-batches: less noisy
+        if iteration % every == 0:  # the mean over the last meta-batches: less noisy
             mean = sum(window) / len(window)
-            print(f"iterations {iteration - 19:4d}-{iteration:<4d}  meta-loss {mean:.3f}")
+            write(f"iterations {iteration - every + 1:4d}-{iteration:<4d}  meta-loss {mean:.3f}")
             window.clear()
+    write(f"{args.iterations} meta-iterations in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Two ways to compile a meta-gradient:
   structure, which dynamo does not trace): enter it outside and compile the steps.
 
 Both translate the usual compile failures into a :class:`CompileError` that says why and
-what to do instead.  Both need torch >= 2.7 (older dynamo graph-breaks on optree's C
+what to do instead.  Both need torch >= 2.12 (older dynamo cannot trace optree's C
 functions, which every rule step calls) and raise :class:`~higher_func.TorchVersionError`
 on an older torch.  Compilation is slow (tens of seconds for a small MLP on a laptop CPU,
 minutes on a loaded one); it pays off over many meta-iterations with fixed shapes.
@@ -23,6 +23,7 @@ minutes on a loaded one); it pays off over many meta-iterations with fixed shape
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -181,7 +182,7 @@ def explain_compile_error(error: BaseException, trace_autograd: bool = False) ->
             "(higher_func.func.MetaObjective / batched_meta_loss), whose inner gradients "
             f"come from torch.func.grad. Original error: {first}"
         )
-    if "patched_setstate" in text or "patched_init" in text:
+    if "patched_setstate" in text or "patched_init" in text or _INSIDE_CONTEXT.search(text):
         return (
             "innerloop_ctx / monkeypatch cannot run inside a fullgraph-compiled function: they "
             "copy the module's structure, which dynamo does not trace. Enter innerloop_ctx "
@@ -210,6 +211,10 @@ def explain_compile_error(error: BaseException, trace_autograd: bool = False) ->
             "fullgraph=False to allow graph breaks (slower)."
         )
     return None
+
+
+# dynamo's trace of user code names the function it could not trace through.
+_INSIDE_CONTEXT = re.compile(r"\b(?:in|function) (?:innerloop_ctx|monkeypatch)\b")
 
 
 def _is_missing_compiler(text: str) -> bool:

@@ -23,9 +23,12 @@ __all__ = [
 
 #: torch.optim.Adam's ``decoupled_weight_decay`` option (older Adams ignore it in a group).
 ADAM_DECOUPLED_WEIGHT_DECAY = "2.7"
-#: ``torch.compile`` of rule steps and inner loops: older dynamo graph-breaks on optree's C
-#: functions, and ``torch._dynamo.config.trace_autograd_ops`` does not exist.
-COMPILED_INNER_LOOPS = "2.7"
+#: ``torch.compile`` of rule steps and inner loops (``higher_func.func.compiled`` and
+#: ``compiled_innerloop``): dynamo before 2.7 graph-breaks on optree's C functions, 2.7 to
+#: 2.10 cannot trace them either and lack ``torch._dynamo.config.trace_autograd_ops``, and
+#: 2.11 compiles a rule step whose returned state is empty (tested: 2.4.1, 2.7.1, 2.9.1,
+#: 2.11.0 fail; 2.12.0, 2.13.0 and 2.14.1 pass).
+COMPILED_INNER_LOOPS = "2.12"
 
 
 def _parse(version: str) -> tuple[int, int]:

@@ -3,13 +3,20 @@
 import pytest
 import torch
 
+from higher_func._versions import COMPILED_INNER_LOOPS
+
 from optimizer_cases import OptimizerCase
+from torch_versions import skip_reason
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Skip, with the torch version needed, every optimizer case whose options the
-    installed torch lacks (e.g. Adam's ``decoupled_weight_decay`` before torch 2.7)."""
+    installed torch lacks (e.g. Adam's ``decoupled_weight_decay`` before torch 2.7), and
+    the doctests of ``higher_func._compile`` where compiling inner loops is refused."""
+    compile_skip = skip_reason(COMPILED_INNER_LOOPS, "compiling inner loops")
     for item in items:
+        if compile_skip and item.name.startswith("higher_func._compile."):  # its doctests
+            item.add_marker(pytest.mark.skip(reason=compile_skip))
         params = getattr(getattr(item, "callspec", None), "params", {})
         case, options = params.get("case"), params.get("options")
         if isinstance(case, OptimizerCase) and isinstance(options, dict):

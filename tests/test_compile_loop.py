@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher_func as hf
+from higher_func._versions import COMPILED_INNER_LOOPS
 from higher_func.func import (
     CompileError,
     FunctionalModel,
@@ -26,8 +27,12 @@ from higher_func.func import (
     compiled_innerloop,
 )
 
+from torch_versions import needs_torch
+
 DTYPE = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
+# On an older torch compiled() refuses (tests/test_versions.py checks that): skip.
+compiles = needs_torch(COMPILED_INNER_LOOPS, "compiling inner loops")
 
 
 class CountingBackend:
@@ -82,6 +87,7 @@ def assert_same_grads(actual: dict[str, torch.Tensor], expected: dict[str, torch
         torch.testing.assert_close(actual[name], expected[name], **TOL)
 
 
+@compiles
 @pytest.mark.slow
 def test_inductor_fullgraph_meta_gradient_equals_eager() -> None:
     torch._dynamo.reset()
@@ -94,6 +100,7 @@ def test_inductor_fullgraph_meta_gradient_equals_eager() -> None:
     assert_same_grads(fast(params, lr, support, query), fn(params, lr, support, query))
 
 
+@compiles
 @pytest.mark.slow
 def test_no_recompilation_across_iterations_and_learning_rates() -> None:
     torch._dynamo.reset()
@@ -111,6 +118,7 @@ def test_no_recompilation_across_iterations_and_learning_rates() -> None:
         assert backend.graphs == 1, f"recompiled at iteration {iteration + 1}"
 
 
+@compiles
 @pytest.mark.slow
 def test_compiled_bridge_with_batch_norm_and_per_task_rates() -> None:
     """MetaObjective.value_and_grad compiles whole (decomposed batch norm, running stats)."""
@@ -152,6 +160,7 @@ def innerloop_meta_gradient(
     return list(torch.autograd.grad(total, list(model.parameters())))
 
 
+@compiles
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam])
 def test_compiled_innerloop_ctx_code_equals_eager_without_recompiling(
@@ -178,6 +187,7 @@ def third_power_gradient_norm(x: torch.Tensor) -> torch.Tensor:
     return (g**2).sum()
 
 
+@compiles
 def test_double_backward_without_compiled_innerloop_is_explained() -> None:
     x = torch.randn(3, dtype=DTYPE, requires_grad=True)
     with pytest.raises(CompileError, match="compiled_innerloop"):
@@ -185,12 +195,14 @@ def test_double_backward_without_compiled_innerloop_is_explained() -> None:
     assert torch._dynamo.config.trace_autograd_ops is False
 
 
+@compiles
 def test_compiled_innerloop_differentiates_a_gradient() -> None:
     x = torch.randn(3, dtype=DTYPE, requires_grad=True)
     compiled_innerloop(third_power_gradient_norm, backend="eager")(x).backward()
     torch.testing.assert_close(x.grad, 36 * x.detach() ** 3, **TOL)  # d/dx sum((3x^2)^2)
 
 
+@compiles
 def test_graph_breaks_under_fullgraph_are_explained() -> None:
     def breaks(x: torch.Tensor) -> torch.Tensor:
         torch._dynamo.graph_break()
@@ -200,6 +212,7 @@ def test_graph_breaks_under_fullgraph_are_explained() -> None:
         compiled(breaks, backend="eager")(torch.ones(2))
 
 
+@compiles
 def test_innerloop_ctx_inside_a_full_graph_is_explained() -> None:
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import higher_func as hf
+from higher_func._versions import COMPILED_INNER_LOOPS
 
 from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
+from torch_versions import needs_torch
 
 
 def params_and_grads(dtype=torch.float64):
@@ -159,6 +161,7 @@ def test_vmap_with_per_task_learning_rates() -> None:
         torch.testing.assert_close(batched["w"][task], adapt(lr)["w"], rtol=1e-12, atol=1e-14)
 
 
+@needs_torch(COMPILED_INNER_LOOPS, "torch.compile of a rule step")
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_compiled_step_equals_eager(case: OptimizerCase) -> None:
     torch._dynamo.reset()
@@ -178,6 +181,7 @@ def test_compiled_step_equals_eager(case: OptimizerCase) -> None:
 
 
 @pytest.mark.slow
+@needs_torch(COMPILED_INNER_LOOPS, "torch.compile of a rule step")
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_inductor_compiled_step_equals_eager(case: OptimizerCase) -> None:
     torch._dynamo.reset()
