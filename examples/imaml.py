@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=10, help="support/query points per task")
     parser.add_argument("--inner-steps", type=int, default=10, help="inner steps per task")
     parser.add_argument("--inner-lr", type=float, default=0.02, help="inner step size")
-    parser.add_argument("--lam", type=float, default=2.0, help="iMAML's proximal weight")
+    parser.add_argument("--lam", type=float, default=10.0, help="iMAML's proximal weight")
     parser.add_argument("--cg-steps", type=int, default=5, help="iMAML's CG iterations")
     parser.add_argument("--meta-lr", type=float, default=1e-3, help="outer Adam learning rate")
     parser.add_argument("--max-steps", type=int, default=64, help="largest inner steps measured")
