@@ -27,7 +27,7 @@ from ._implicit_checks import (
     check_same_structure,
     is_grad_tracking,
 )
-from ._linear_solve import solve_normal_cg
+from ._linear_solve import solve_cg, solve_normal_cg  # noqa: F401 (solve_cg: the doctests)
 
 __all__ = ["custom_fixed_point", "custom_root"]
 
@@ -61,7 +61,7 @@ class _Problem:
         leaves = list(self.arg_leaves)
         for position, tensor in zip(self.tensor_positions, tensors, strict=True):
             leaves[position] = tensor
-        return optree.tree_unflatten(self.args_def, leaves)
+        return tuple(optree.tree_unflatten(self.args_def, leaves))
 
     def solution(self, leaves: tuple[Tensor, ...] | list[Tensor]) -> Tree:
         return optree.tree_unflatten(self.solution_def, list(leaves))
@@ -95,7 +95,7 @@ class _ImplicitSolution(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:
         init = optree.tree_unflatten(problem.init_def, list(tensors[: problem.n_init]))
         output = problem.solver(init, *problem.args(tensors[problem.n_init :]))
         if problem.has_aux:
@@ -138,10 +138,10 @@ class _ImplicitSolution(torch.autograd.Function):
         solution = problem.solution(solution_leaves)
         check_requires_no_grad(problem.optimality_fn, solution, problem.args(arg_tensors))
         v = problem.solution(_zeros_for_none(cotangents[: ctx.n_solution], solution_leaves))
-        _, vjp_solution = torch.func.vjp(lambda x: problem.residual(x, arg_tensors), solution)
+        vjp_solution = torch.func.vjp(lambda x: problem.residual(x, arg_tensors), solution)[1]
         # u = (dF/dx)^{-T} v, then the cotangent of the args is -u^T dF/dargs.
         u = problem.solve_checked(lambda w: vjp_solution(w)[0], v)
-        _, vjp_args = torch.func.vjp(lambda *a: problem.residual(solution, a), *arg_tensors)
+        vjp_args = torch.func.vjp(lambda *a: problem.residual(solution, a), *arg_tensors)[1]
         arg_cotangents = [None if g is None else -g for g in vjp_args(u)]
         return (None, *([None] * problem.n_init), *arg_cotangents)
 
@@ -152,9 +152,9 @@ class _ImplicitSolution(torch.autograd.Function):
         solution_leaves, arg_tensors = saved[: ctx.n_solution], saved[ctx.n_solution :]
         solution = problem.solution(solution_leaves)
         arg_tangents = tuple(_zeros_for_none(tangents[1 + problem.n_init :], arg_tensors))
-        _, residual_tangent = torch.func.jvp(
+        residual_tangent = torch.func.jvp(
             lambda *a: problem.residual(solution, a), tuple(arg_tensors), arg_tangents
-        )
+        )[1]
         rhs = optree.tree_map(torch.neg, residual_tangent)
 
         def matvec(w: Tree) -> Tree:

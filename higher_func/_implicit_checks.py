@@ -62,8 +62,12 @@ def _tensors(value: Any, name: str, seen: dict[int, Any]) -> Iterator[tuple[str,
         yield from _tensors(value.func, name, seen)
     elif inspect.ismethod(value):
         yield from _tensors(value.__func__, name, seen)
-    elif inspect.isfunction(value):
+    elif inspect.isfunction(value) and not (value.__module__ or "").startswith(_LIBRARIES):
         yield from _function_tensors(value, seen)
+
+
+# Functions of these packages are not the user's: their globals hold no user tensor.
+_LIBRARIES = ("torch", "optree", "functools", "numpy")
 
 
 def _function_tensors(fn: Any, seen: dict[int, Any]) -> Iterator[tuple[str, Tensor]]:
@@ -94,8 +98,10 @@ def check_captured(fn: Callable, where: str) -> None:
 def check_requires_no_grad(fn: Callable, solution: Any, args: tuple) -> None:
     """Raise if ``fn`` on detached inputs still needs a gradient: it reads a tensor from
     somewhere else (a module's parameter, an object's attribute) that requires grad."""
-    detached = optree.tree_map(
-        lambda t: t.detach() if isinstance(t, Tensor) else t, (solution, args), none_is_leaf=True
+    detached: Any = optree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t,
+        (solution, args),  # type: ignore[arg-type]
+        none_is_leaf=True,
     )
     with torch.enable_grad():
         residual = fn(detached[0], *detached[1])

@@ -124,7 +124,7 @@ def solve_cg(
 
 def _transpose(matvec: MatVec, example: Tree) -> MatVec:
     """``y -> A^T y`` for the linear ``matvec``, by its vector-Jacobian product."""
-    _, vjp = torch.func.vjp(matvec, _map(torch.zeros_like, example))
+    vjp = torch.func.vjp(matvec, _map(torch.zeros_like, example))[1]
     return lambda y: vjp(y)[0]
 
 

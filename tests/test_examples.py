@@ -27,6 +27,8 @@ CASES = {
     "optimize_inputs": ("test MSE", "optimize_inputs.png"),
     "batched_compiled_maml": ("seconds per meta-iteration", None),
     "distributed_maml": ("1 process(es)", None),
+    "imaml": ("peak live tensor MiB", "imaml.png"),
+    "implicit_hyperparameters": ("Neumann hypergradient", "implicit_hyperparameters.png"),
 }
 
 pytestmark = pytest.mark.slow
