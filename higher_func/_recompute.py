@@ -329,6 +329,7 @@ def _check_nothing_captured(
         )
 
 
+@torch.compiler.disable  # a Python walk over the steps: torch.compile runs it eagerly
 def recomputed_inner_loop(
     objective: Callable[..., Any],
     rule: Any,

@@ -25,6 +25,7 @@ CASES = {
     "meta_sgd": ("learned lr of", "meta_sgd.png"),
     "hyperparameter_optimization": ("validation loss", "hyperparameter_optimization.png"),
     "optimize_inputs": ("test MSE", "optimize_inputs.png"),
+    "lr_schedule": ("learned schedule", "lr_schedule.png"),
     "batched_compiled_maml": ("seconds per meta-iteration", None),
     "distributed_maml": ("1 process(es)", None),
     "imaml": ("peak live tensor MiB", "imaml.png"),
@@ -36,7 +37,9 @@ pytestmark = pytest.mark.slow
 
 def run_example(arguments: list[str], cwd: Path, prelude: str = "") -> str:
     """Run ``python [-c prelude+runpy] examples/...`` and return its output; fail loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES)}
+    # The checkout under test first: its higher_func, not an installed one.
+    path = os.pathsep.join([str(EXAMPLES), str(EXAMPLES.parent)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     env.pop("WORLD_SIZE", None)
     script, *rest = arguments
     if prelude:

@@ -362,3 +362,20 @@ def test_zero_steps_and_no_grad_runs() -> None:
         square, hf.optim.sgd(lr=0.25), params, target, steps=2, truncate=0, recompute=True
     )
     assert not result.params["w"].requires_grad  # as without recompute: no step differentiated
+
+
+@pytest.mark.slow
+def test_under_torch_compile_recompute_runs_eagerly() -> None:
+    params = {"w": torch.tensor([1.0, 2.0], dtype=DTYPE)}
+    target = torch.tensor([0.5, 0.1], dtype=DTYPE)
+
+    def loss(p: Any, t: torch.Tensor) -> torch.Tensor:
+        return ((p["w"] - t) ** 2).sum()
+
+    def objective(p: Any, recompute: bool) -> torch.Tensor:
+        rule = hf.optim.adam(lr=0.1)
+        return meta_loss(loss, rule, p, target, target, steps=3, recompute=recompute)
+
+    expected = torch.func.grad(objective)(params, False)
+    got = torch.compile(torch.func.grad(objective))(params, True)
+    torch.testing.assert_close(got["w"], expected["w"], **TOL)
