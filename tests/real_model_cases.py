@@ -161,10 +161,63 @@ def resnet(timm: Any) -> Case:
                 torch.randint(0, 3, (TASKS, SHOTS)))  # fmt: skip
 
 
-#: package -> the case builders that need it.
+def bert_01_mask(transformers: Any) -> Case:
+    """BERT batched with its 0/1 mask (``vmap`` cannot: the loop runs it)."""
+    case = bert(transformers)
+    case.name, case.batched_inputs = "BERT, 0/1 mask batched", None
+    return case
+
+
+class _Pool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(1)[:, :3]
+
+
+def transformer_encoder(torch_module: Any) -> Case:
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    model = nn.Sequential(encoder, _Pool()).to(DTYPE)
+    inputs = torch.randn(TASKS, SHOTS, LENGTH, 16, dtype=DTYPE)
+    return Case("nn.TransformerEncoder", model, F.cross_entropy, (inputs,),
+                torch.randint(0, 3, (TASKS, SHOTS)))  # fmt: skip
+
+
+class _LanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embed(ids))[0])
+
+
+def lstm(torch_module: Any) -> Case:
+    ids = _ids(TASKS, SHOTS, LENGTH)
+    return Case("nn.LSTM language model", _LanguageModel().to(DTYPE), next_token_loss, (ids,), ids)
+
+
+def spectral_norm(torch_module: Any) -> Case:
+    wrap = nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(wrap(nn.Linear(8, 16)), nn.Tanh(), nn.Linear(16, 3)).to(DTYPE)
+    inputs = torch.randn(TASKS, SHOTS, 8, dtype=DTYPE)
+    return Case("spectral_norm MLP, train()", model, F.cross_entropy, (inputs,),
+                torch.randint(0, 3, (TASKS, SHOTS)))  # fmt: skip
+
+
+#: package -> the case builders that need it (the test tier).
 BUILDERS: dict[str, list[Callable[[Any], Case]]] = {
     "transformers": [bert, gpt2, llama],
     "timm": [vit, resnet],
+}
+
+#: Further cases of the docs' table (benchmarks/real_models.py); their tests are
+#: tests/test_attention.py and tests/test_batching.py.
+TABLE_BUILDERS: dict[str, list[Callable[[Any], Case]]] = {
+    "transformers": [bert, bert_01_mask, gpt2, llama],
+    "timm": [vit, resnet],
+    "torch": [transformer_encoder, lstm, spectral_norm],
 }
 
 
@@ -204,6 +257,22 @@ def drop_in_meta_gradient(case: Case, t: int) -> tuple[Tensor, list[Tensor]]:
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     return query_loss.detach(), grads
+
+
+def functional_meta_gradient(case: Case, t: int) -> tuple[Tensor, list[Tensor]]:
+    """Task ``t``'s query loss and meta-gradient through ``FunctionalModel`` + ``meta_loss``."""
+    f = hf.func.FunctionalModel(case.model)
+
+    def loss(params: Any, buffers: Any, inputs: Any, targets: Tensor) -> Any:
+        out, buffers = f.with_buffers(params, buffers, *inputs)
+        return case.loss(out, targets), buffers
+
+    (x, y), (qx, qy) = case.task(t), case.task(t, query=True)
+    rule = hf.optim.sgd(lr=LR)
+    value = hf.func.meta_loss(
+        loss, rule, f.params, (x, y), (qx, qy), steps=STEPS, buffers=f.buffers
+    )
+    return value.detach(), list(torch.autograd.grad(value, list(f.params.values())))
 
 
 def batched_meta_gradient(case: Case, batching: str) -> tuple[Tensor, list[Tensor]]:
