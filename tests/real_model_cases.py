@@ -117,7 +117,7 @@ def bert(transformers: Any) -> Case:
 def gpt2(transformers: Any) -> Case:
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     model = Logits(transformers.GPT2LMHeadModel(config)).to(DTYPE)  # tied embeddings
     ids = _ids(TASKS, SHOTS, LENGTH)
