@@ -97,7 +97,13 @@ class set_double_backward_attention:
 
 
 def is_double_backward_attention_enabled() -> bool:
-    """Whether second-order forwards run attention on the math backend (the default)."""
+    """Whether second-order forwards run attention on the math backend (the default).
+
+    Example:
+        >>> import higher_func as hf
+        >>> hf.is_double_backward_attention_enabled()
+        True
+    """
     return _enabled
 
 

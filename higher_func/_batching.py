@@ -74,7 +74,26 @@ def _fix(cause: tuple[str, str]) -> str:
 
 class BatchingError(RuntimeError):
     """``vmap`` cannot batch the tasks through this model; the message names the module and
-    the fix.  Raised with ``batching="vmap"`` (``"auto"`` falls back to a loop instead)."""
+    the fix.  Raised with ``batching="vmap"`` (``"auto"`` falls back to a loop instead).
+
+    Example (an LSTM, which has no vmap batching rule):
+        >>> import torch, torch.nn.functional as F, higher_func as hf
+        >>> class Last(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.rnn = torch.nn.RNN(2, 3, batch_first=True)
+        ...     def forward(self, x):
+        ...         return self.rnn(x)[0][:, -1]
+        >>> model = Last()
+        >>> objective = hf.MetaObjective(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                              F.mse_loss, batching="vmap")
+        >>> tasks = (torch.randn(2, 4, 5, 2), torch.randn(2, 4, 3))
+        >>> try:
+        ...     objective(tasks, tasks)
+        ... except hf.func.BatchingError as error:
+        ...     print(str(error).split(": ")[1])
+        module 'rnn' (RNN)
+    """
 
 
 def choose_batching(batching: str, module: nn.Module) -> str:

@@ -221,3 +221,32 @@ def test_the_switch_checks_its_argument() -> None:
     finally:
         hf.set_double_backward_attention(True)
     assert hf.is_double_backward_attention_enabled()
+
+
+@pytest.mark.slow
+def test_compiled_batched_second_order_through_attention_equals_eager() -> None:
+    model = SelfAttention().to(DTYPE)
+    support, query = batch(tasks=3), batch(tasks=3)
+    objective = MetaObjective(model, torch.optim.SGD(model.parameters(), lr=LR), F.cross_entropy)
+    value, grads = objective.value_and_grad(support, query)
+    fast = hf.func.compiled(objective.value_and_grad, backend="aot_eager")
+    compiled_value, compiled_grads = fast(support, query)
+    torch.testing.assert_close(compiled_value, value, **TOL)
+    assert_close_lists(list(compiled_grads.values()), list(grads.values()))
+
+
+@pytest.mark.slow
+def test_compiled_innerloop_second_order_through_attention_equals_the_reference() -> None:
+    model = SelfAttention().to(DTYPE)
+    support, query = batch(), batch()
+    expected = reference_meta_gradient(model, support, query, steps=1)
+
+    def adapt(fmodel: Any, diffopt: Any, support: Any, query: Any) -> Tensor:
+        diffopt.step(F.cross_entropy(fmodel(support[0]), support[1]))
+        return F.cross_entropy(fmodel(query[0]), query[1])
+
+    fast = hf.func.compiled_innerloop(adapt, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with hf.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        fast(fmodel, diffopt, support, query).backward()
+    assert_close_lists([p.grad for p in model.parameters()], expected)
