@@ -96,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="JSON",
-        help="merge this run's workloads into an earlier report (replacing those it "
-        "re-measured, each marked with its own run's date and load) and render the merge",
+        help="merge this run's workloads (with --render-only: those of --json) into an "
+        "earlier report, replacing those re-measured, each marked with its own run's date "
+        "and load; render and save the merge",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render_only:
         report = json.loads(args.json.read_text())
+        if args.merge_into is not None:  # render the merge and save it over the earlier report
+            report = merged(json.loads(args.merge_into.read_text()), report)
+            args.merge_into.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
         print(render.text_report(report))
         written = render.write_markdown(report, args.markdown)
         print("wrote " + ", ".join(str(p) for p in written))
