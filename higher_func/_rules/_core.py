@@ -121,6 +121,8 @@ class Rule:
         >>> new_params, state = rule.step(params, {"w": torch.ones(2)}, rule.init(params))
         >>> isinstance(rule, hf.optim.Rule), new_params["w"], params["w"]  # input unchanged
         (True, tensor([0.5000, 0.5000]), tensor([1., 1.]))
+        >>> hf.optim.sgd(lr=0.5, arithmetic="higher").arithmetic  # higher's p - lr * g
+        'higher'
     """
 
     __slots__ = ("arithmetic", "hyperparameters", "spec")
