@@ -123,6 +123,8 @@ class Rule:
         >>> new_params, state = rule.step(params, {"w": torch.ones(2)}, rule.init(params))
         >>> isinstance(rule, hf.optim.Rule), new_params["w"], params["w"]  # input unchanged
         (True, tensor([0.5000, 0.5000]), tensor([1., 1.]))
+        >>> hf.optim.sgd(lr=0.5, arithmetic="higher").arithmetic  # higher's p - lr * g
+        'higher'
     """
 
     __slots__ = ("arithmetic", "hyperparameters", "spec")
@@ -307,15 +309,15 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
 def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
     if type(tree) is list and all(type(t) is Tensor and not t.is_complex() for t in tree):
         return list(tree), _list_spec(len(tree))  # a plain list of tensors: no tree walk
+    leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
+    if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
+        return leaves, treespec
     if isinstance(tree, Iterator):
         raise TypeError(
             f"{argument} must be a dict name -> tensor (or a list or tuple of tensors), got a "
             f"{type(tree).__name__}, which can be read only once. Materialize it: "
             f"{argument} = dict(model.named_parameters()) or list(model.parameters())."
         )
-    leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
-    if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
-        return leaves, treespec
     paths = optree.tree_paths(tree, none_is_leaf=True)  # only to name the bad leaf
     for path, leaf in zip(paths, leaves, strict=True):
         if not isinstance(leaf, Tensor):

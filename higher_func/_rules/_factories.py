@@ -4,7 +4,9 @@ Each takes keyword-only hyperparameters and returns a :class:`~higher_func.optim
 Numeric hyperparameters accept a number, a tensor (learnable when it requires grad) or a
 dict keyed like ``params`` with per-parameter values.  ``foreach``, ``fused``,
 ``capturable`` and ``differentiable`` select implementations in ``torch.optim``; they are
-accepted here and change nothing (every rule is differentiable).
+accepted here and change nothing (every rule is differentiable).  ``arithmetic="torch"``
+(the default: torch.optim's fused ops) or ``"higher"`` (higher 0.2.1's two-op forms, what
+the drop-in optimizers use) selects which ops a step runs; see ``_math.py``.
 """
 
 from __future__ import annotations
