@@ -63,7 +63,7 @@ class FunctionalModel:
     The module runs through ``torch.func.functional_call`` with the given tensors in place
     of its parameters and buffers; the module itself is never modified.  Parameters or
     buffers left out of the dicts are taken from the module (frozen).  Batch, layer and
-    group norms run as decomposed tensor math (:mod:`higher_func._norm`), which keeps
+    group norms run as decomposed tensor math (:func:`exact_norms`), which keeps
     second-order gradients exact under ``vmap`` and lets running statistics
     (``track_running_stats=True``) be returned instead of written in place; models built
     only from torch's other layers skip that rerouting (it costs a Python call per op).
