@@ -204,10 +204,6 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         "",
         NOISE_NOTE,
         "",
-        "## Targets",
-        "",
-        _markdown_table(["target", "goal", "measured", "status"], _target_rows(report)),
-        "",
     ]
     if chart:
         out += ["## At a glance", "", f"![speed-up over higher and peak memory]({chart})", ""]
@@ -274,6 +270,8 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
             "```",
             "",
         ]
+    out += ["## Targets and status", ""]
+    out += [_markdown_table(["target", "goal", "measured", "status"], _target_rows(report)), ""]
     out += ["## Implementations", ""]
     out += [f"- **{k}**: {v}" for k, v in report["implementations"].items()]
     out += ["", "## Method", ""]
@@ -319,7 +317,11 @@ def method_notes(report: dict[str, Any]) -> list[str]:
 
 
 def write_chart(report: dict[str, Any], path: Path) -> str | None:
-    """Save the bar chart; ``None`` when matplotlib is missing."""
+    """Save the chart (``None`` when matplotlib is missing): speed on top, memory below.
+
+    Sized to be read at page width: one wide speed panel with its legend beneath, and the
+    memory growth split into a tracked and a first-order panel (half the series each).
+    """
     try:
         import matplotlib
 
@@ -329,9 +331,11 @@ def write_chart(report: dict[str, Any], path: Path) -> str | None:
         return None
     timed = [k for k, v in report["workloads"].items() if v["family"] != "memory"]
     impls = [i for i in report["implementations"] if i != BASELINE]
-    # One colour per implementation in both panels (tab10 has ten).
+    # One colour per implementation in every panel (tab10 has ten).
     colour = {impl: f"C{n % 10}" for n, impl in enumerate(report["implementations"])}
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    fig = plt.figure(figsize=(10, 9.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=(1.15, 1))
+    speed = fig.add_subplot(grid[0, :])
     width = 0.8 / max(len(impls), 1)
     for n, impl in enumerate(impls):
         values = []
@@ -346,39 +350,32 @@ def write_chart(report: dict[str, Any], path: Path) -> str | None:
         speed.bar(positions, values, width, label=impl, color=colour[impl])
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.set_yscale("log")
-    low, high = speed.get_ylim()
-    speed.set_ylim(low, high * 30)  # room for the legend above the bars
     speed.set_xticks(range(len(timed)), timed)
-    speed.set_xlabel("workload")
-    speed.set_ylabel("x faster than higher (log scale; missing bar = not run)")
-    speed.set_title("Speed relative to higher 0.2.1 (higher = 1)")
-    speed.legend(fontsize="x-small", loc="upper left", ncol=3)
-    for mode, style in (("tracked", "-"), ("fo", "--")):
+    speed.set_xlabel("workload (see the tables below)")
+    speed.set_ylabel("x faster than higher (log scale)")
+    speed.set_title("Speed relative to higher 0.2.1 (higher = 1; no bar = not run)")
+    speed.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
+    for column, (mode, name) in enumerate((("tracked", "tracked"), ("fo", "first order"))):
+        memory = fig.add_subplot(grid[1, column])
         keys = [k for k in report["results"] if k.startswith(f"6-{mode}-")]
         steps = [int(k.rsplit("-", 1)[1]) for k in keys]
         for impl in report["implementations"]:
             peaks = [report["results"][k].get(impl, {}).get("peak_bytes") for k in keys]
             if steps and all(p is not None for p in peaks):
-                label = f"{impl} ({'tracked' if mode == 'tracked' else 'first order'})"
                 memory.plot(
-                    steps,
-                    [p / MB for p in peaks],
-                    style,
-                    marker="o",
-                    label=label,
-                    color=colour[impl],
+                    steps, [p / MB for p in peaks], marker="o", label=impl, color=colour[impl]
                 )
-    memory.set_xlabel("inner steps")
-    memory.set_ylabel("peak memory growth (MB)")
-    memory.set_title("Peak memory of one meta-iteration (solid: tracked, dashed: first order)")
-    memory.legend(fontsize="x-small")
+        memory.set_xlabel("inner steps")
+        memory.set_ylabel("peak memory growth (MB)")
+        memory.set_title(f"Memory of one meta-iteration, {name}")
+        memory.legend(fontsize=9)
     fig.suptitle(
         f"{report['environment']['cpu']}, torch {report['environment']['libraries']['torch']}, "
         f"{report['environment']['date_utc']}",
-        fontsize="small",
+        fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
 

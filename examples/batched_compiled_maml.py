@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import progress, sinusoid_mlp, sinusoid_tasks
+from _common import HelpFormatter, progress, sinusoid_mlp, sinusoid_tasks
 from torch import Tensor, nn
 
 import higher_func as higher
@@ -37,7 +37,7 @@ from higher_func.func import MetaObjective, compiled
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--tasks", type=int, default=25, help="tasks per meta-batch")
     parser.add_argument("--shots", type=int, default=10, help="support/query points per task")

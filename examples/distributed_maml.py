@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from _common import progress, sinusoid_mlp, sinusoid_tasks
+from _common import HelpFormatter, progress, sinusoid_mlp, sinusoid_tasks
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -34,7 +34,7 @@ import higher_func as hf
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=120, help="meta-steps")
     parser.add_argument("--tasks", type=int, default=16, help="tasks per meta-batch, all ranks")

@@ -19,7 +19,7 @@ import argparse
 import math
 
 import torch
-from _common import progress, pyplot
+from _common import HelpFormatter, progress, pyplot
 from torch import Tensor
 from torch.func import grad
 
@@ -30,7 +30,7 @@ DEGREE = 9  # features 1, x, ..., x^9: enough to overfit 12 noisy points
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=150, help="hypergradient steps")
     parser.add_argument("--inner-steps", type=int, default=30, help="Adam steps per training run")
@@ -108,12 +108,16 @@ def plot(history: dict[str, list[float]], path: str) -> None:
     losses.plot(history["train"], label="training loss")
     losses.plot(history["valid"], label="validation loss (the objective)")
     losses.set_xlabel("hypergradient step")
+    losses.set_ylabel("mean squared error after training")
     losses.set_yscale("log")
+    losses.set_title("the objective falls")
     losses.legend()
     hps.plot(history["lr"], label="Adam lr")
     hps.plot(history["wd"], label="weight decay")
     hps.set_xlabel("hypergradient step")
+    hps.set_ylabel("hyperparameter value")
     hps.set_yscale("log")
+    hps.set_title("the learned hyperparameters")
     hps.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import progress, pyplot, sinusoid_mlp, sinusoid_tasks
+from _common import HelpFormatter, progress, pyplot, sinusoid_mlp, sinusoid_tasks, write
 from torch import Tensor, nn
 
 import higher_func as higher
@@ -25,7 +25,7 @@ import higher_func as higher
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=250, help="meta-iterations")
     parser.add_argument("--tasks", type=int, default=6, help="tasks per meta-batch")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             model, meta_opt, inner_opt, sinusoid_tasks(args.tasks, args.shots, generator), args
         )
         if iteration % max(1, args.iterations // 6) == 0 or iteration == args.iterations - 1:
-            print(f"iteration {iteration:4d}  query loss after adaptation {loss:.4f}")
+            write(f"iteration {iteration:4d}  query loss after adaptation {loss:.4f}")
 
     (xs, ys), _, (amplitude, phase) = sinusoid_tasks(
         1, args.shots, torch.Generator().manual_seed(7)
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot(x, before, "--", label="meta-learned init (before adaptation)")
         ax.plot(x, one, ":", label="after 1 inner step")
         ax.plot(x, after, "-", label=f"after {args.inner_steps} inner steps")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.set_title(f"MAML, a held-out sinusoid: {args.shots}-shot adaptation")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot)

@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 import torch
-from _common import progress, pyplot, sinusoid_mlp, sinusoid_tasks
+from _common import HelpFormatter, progress, pyplot, sinusoid_mlp, sinusoid_tasks
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -32,7 +32,7 @@ import higher_func as hf
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=250, help="meta-iterations")
     parser.add_argument("--tasks", type=int, default=8, help="tasks per meta-batch")
@@ -132,23 +132,40 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  learned lr of {name:9s} mean {alpha.mean().item():.4f}  in [{low:.4f}, {high:.4f}]"
         )
-    plt = pyplot()
-    if plt is not None:
-        window = max(1, args.iterations // 20)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, curve in (("MAML", maml_curve), ("Meta-SGD", msgd_curve)):
-            smooth = (
-                torch.tensor(curve).unfold(0, window, 1).mean(1) if len(curve) >= window else curve
-            )
-            ax.plot(list(smooth), label=label)
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(f"query loss after adaptation (mean of {window})")
-        ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot)
-        print(f"saved {args.plot}")
+    plot(maml_curve, msgd_curve, msgd_lr, args)
 
+
+def plot(maml_curve: list[float], msgd_curve: list[float], learned: Any, args) -> None:
+    """Both training curves, and the learned learning rates of every parameter tensor."""
+    plt = pyplot()
+    if plt is None:
+        return
+    window = max(1, args.iterations // 20)
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, curve in (("MAML", maml_curve), ("Meta-SGD", msgd_curve)):
+        smooth = torch.tensor(curve).unfold(0, window, 1).mean(1) if len(curve) >= window else curve
+        ax.plot(list(smooth), label=label)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"query loss after adaptation (mean of {window})")
+    ax.set_yscale("log")
+    ax.set_title("meta-training")
+    ax.legend()
+    names = list(learned)
+    for k, name in enumerate(names):  # every weight's learned rate, jittered sideways
+        rates = learned[name].detach().flatten()
+        offsets = torch.linspace(-0.3, 0.3, len(rates)) if len(rates) > 1 else torch.zeros(1)
+        ax_lr.plot(k + offsets, rates, ".", markersize=2, alpha=0.5, color="tab:orange")
+    maml_label = f"MAML's lr {args.inner_lr}"
+    ax_lr.axhline(args.inner_lr, color="tab:blue", linestyle="--", label=maml_label)
+    ax_lr.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax_lr.set_xlabel("parameter tensor")
+    ax_lr.set_ylabel("learned learning rate (one dot per weight)")
+    ax_lr.set_yscale("log")
+    ax_lr.set_title("Meta-SGD's learned rates")
+    ax_lr.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot)
+    print(f"saved {args.plot}")
 
 if __name__ == "__main__":
     main()

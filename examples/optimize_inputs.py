@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import progress, pyplot
+from _common import HelpFormatter, progress, pyplot, write
 from torch import Tensor, nn
 
 import higher_func as higher
@@ -36,7 +36,7 @@ INNER_OPTIMIZERS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=400, help="training iterations")
     parser.add_argument("--batch", type=int, default=64, help="inputs per iteration")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         curve.append(loss.item())
         if iteration % max(1, args.iterations // 5) == 0 or iteration == args.iterations - 1:
-            print(f"iteration {iteration:4d}  loss of the landing points {loss.item():.4f}")
+            write(f"iteration {iteration:4d}  loss of the landing points {loss.item():.4f}")
     x = torch.linspace(-2, 2, 100).unsqueeze(1)
     prediction = predict(energy, x, args, create_graph=False).detach()
     error = nn.functional.mse_loss(prediction, target(x)).item()
@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         ax_curve.set_yscale("log")
         ax_curve.set_xlabel("iteration")
         ax_curve.set_ylabel("MSE of the optimised y")
-        for k, name in enumerate(("sin 2x", "cos 2x")):
-            ax_fit.plot(x, target(x)[:, k], "k-", linewidth=1)
+        ax_curve.set_title("training through the inner steps over y")
+        for k, (name, style) in enumerate((("sin 2x", "-"), ("cos 2x", ":"))):
+            ax_fit.plot(x, target(x)[:, k], "k" + style, linewidth=1, label=f"true {name}")
             ax_fit.plot(x, prediction[:, k], "--", label=f"argmin of E, {name}")
         ax_fit.set_xlabel("x")
-        ax_fit.legend()
+        ax_fit.set_ylabel("y (each of its two coordinates)")
+        ax_fit.set_title(f"predictions: {args.inner_steps} {args.inner_optimizer} steps on E(x, y)")
+        ax_fit.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot)
         print(f"saved {args.plot}")

@@ -18,7 +18,7 @@ import math
 import time
 
 import torch
-from _common import progress, write
+from _common import HelpFormatter, progress, write
 from torch import nn
 
 import higher_func as hf
@@ -36,7 +36,7 @@ def sample_tasks(n_tasks: int, shots: int, generator: torch.Generator):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--iterations", type=int, default=1000, help="meta-iterations")
     parser.add_argument("--tasks", type=int, default=25, help="tasks per meta-batch")

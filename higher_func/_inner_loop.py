@@ -66,7 +66,7 @@ class FunctionalModel:
     The module runs through ``torch.func.functional_call`` with the given tensors in place
     of its parameters and buffers; the module itself is never modified.  Parameters or
     buffers left out of the dicts are taken from the module (frozen).  Batch, layer and
-    group norms run as decomposed tensor math (:mod:`higher_func._norm`), which keeps
+    group norms run as decomposed tensor math (:func:`exact_norms`), which keeps
     second-order gradients exact under ``vmap`` and lets running statistics
     (``track_running_stats=True``) be returned instead of written in place; models built
     only from torch's other layers skip that rerouting (it costs a Python call per op).
@@ -530,8 +530,21 @@ def batched_meta_loss(
     def looped() -> Tensor:
         return loop_over_tasks(tasks, one_task, randomness)
 
-    losses = batch_tasks(vmapped, looped, batching, "batched_meta_loss")
+    try:
+        losses = batch_tasks(vmapped, looped, batching, "batched_meta_loss")
+    except RuntimeError as error:
+        if "randomness error mode" not in str(error):
+            raise
+        raise RuntimeError(_RANDOM_OP_UNDER_VMAP) from None
     return _reduce(losses, reduction)
+
+
+_RANDOM_OP_UNDER_VMAP = (
+    "A random operation (e.g. dropout) ran inside the task batch, which randomness='error' "
+    "(the default) refuses. Pass randomness='different' (independent draws per task, like "
+    "a loop over tasks) or randomness='same' (one draw shared by all tasks) to "
+    "MetaObjective(...) or batched_meta_loss(...), or put the model in eval() mode."
+)
 
 
 def _with_task_overrides(shared: Hyperparameters, per_task: Mapping[str, Any]) -> Hyperparameters:
@@ -834,7 +847,22 @@ def _pair(argument: str, batch: Any) -> tuple[Any, Any]:
             f"{type(batch).__name__}"
             f"{f' of length {len(batch)}' if isinstance(batch, tuple | list) else ''}."
         )
+    for where, leaf in _leaves_with_paths(f"{argument} inputs", batch[0]):
+        _check_has_examples(where, leaf)
     return (batch[0], batch[1])
+
+
+def _check_has_examples(where: str, inputs: Any) -> None:
+    """Floating inputs need (tasks, examples, features...): a (5, 1) tensor would silently
+    be 5 tasks of one unbatched example each."""
+    if isinstance(inputs, Tensor) and inputs.is_floating_point() and inputs.dim() < 3:
+        shape = tuple(inputs.shape)
+        raise ValueError(
+            f"{where} has shape {shape}, which MetaObjective reads as {shape[0]} task(s) "
+            f"of one example of shape {shape[1:]} without a batch dimension. Give "
+            f"(tasks, examples, features...): e.g. x.unsqueeze(0) for one task of "
+            f"{shape[0]} examples, or x.unsqueeze(-1) for scalar features."
+        )
 
 
 # --------------------------------------------------------------------------- validation

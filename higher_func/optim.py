@@ -9,6 +9,12 @@ Two layers live here:
   equal to ``torch.optim`` and differentiable to any order.
 * The registry mapping ``torch.optim`` classes to rules, and :func:`from_torch_optimizer`
   to turn a live optimizer (with its state) into rules.
+* ``higher``'s **differentiable optimizer classes** (:class:`DifferentiableOptimizer` and
+  its subclasses), built on those rules.
+
+A custom rule is a :class:`RuleSpec`; ``make_rule(spec, hyperparameters)`` (also named
+``build_rule``) turns one into a validated :class:`Rule` (see "Writing a custom
+optimizer" in the documentation).
 """
 
 from ._diffopt import (
@@ -59,7 +65,7 @@ from ._rules._registry import (
 from ._rules._rmsprop import RMSpropState, RpropState
 from ._rules._sgd import SGDState
 
-make_rule = build_rule
+make_rule = build_rule  # the public name of build_rule, used in the documentation
 
 # For compatibility with higher: the module-level names of higher.optim that public custom
 # optimizers import (``from higher.optim import _add, _GroupedGradsType``), with higher's
