@@ -73,7 +73,8 @@ class _Problem:
         return optree.tree_unflatten(self.aux_def, leaves)
 
     def residual(self, solution: Tree, arg_tensors: tuple[Tensor, ...]) -> Tree:
-        residual = self.optimality_fn(solution, *self.args(arg_tensors))
+        # Tuple concatenation, not f(x, *a): torch 2.4's Dynamo fails on the latter (twice).
+        residual = self.optimality_fn(*((solution,) + self.args(arg_tensors)))  # noqa: RUF005
         check_same_structure(
             "optimality_fn(solution, *args)", residual, "the solution", solution, shapes=True
         )
@@ -97,7 +98,7 @@ class _ImplicitSolution(torch.autograd.Function):
     @staticmethod
     def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:
         init = optree.tree_unflatten(problem.init_def, list(tensors[: problem.n_init]))
-        output = problem.solver(init, *problem.args(tensors[problem.n_init :]))
+        output = problem.solver(*((init,) + problem.args(tensors[problem.n_init :])))  # noqa: RUF005
         if problem.has_aux:
             if not (isinstance(output, tuple) and len(output) == 2):
                 raise TypeError(
@@ -117,7 +118,7 @@ class _ImplicitSolution(torch.autograd.Function):
         aux_tensors = [aux_leaves[i] for i in problem.aux_tensor_positions]
         # An output that is an input would alias it; autograd.Function wants fresh tensors.
         inputs = {id(t) for t in tensors}
-        return tuple(t.clone() if id(t) in inputs else t for t in (*leaves, *aux_tensors))
+        return tuple(t.clone() if id(t) in inputs else t for t in leaves + aux_tensors)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
