@@ -36,7 +36,9 @@ pytestmark = pytest.mark.slow
 
 def run_example(arguments: list[str], cwd: Path, prelude: str = "") -> str:
     """Run ``python [-c prelude+runpy] examples/...`` and return its output; fail loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES)}
+    # The examples' folder and this checkout's root: the examples run the code under test.
+    path = os.pathsep.join([str(EXAMPLES), str(EXAMPLES.parent)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     env.pop("WORLD_SIZE", None)
     script, *rest = arguments
     if prelude:
