@@ -25,7 +25,6 @@ from ._implicit_checks import (
     check_optimality_fn,
     check_requires_no_grad,
     check_same_structure,
-    is_grad_tracking,
 )
 from ._linear_solve import solve_cg, solve_normal_cg  # noqa: F401 (solve_cg: the doctests)
 
@@ -170,7 +169,6 @@ class _ImplicitSolution(torch.autograd.Function):
 def _implicit_solution(
     optimality_fn: Callable, solve: Solve, has_aux: bool, solver: Callable, init: Tree, args: tuple
 ) -> Any:
-    check_optimality_fn(optimality_fn)
     problem = _Problem(optimality_fn, solver, solve, has_aux, init, args)
     init_leaves = optree.tree_leaves(init, none_is_leaf=True)
     for leaf in init_leaves:
@@ -179,10 +177,8 @@ def _implicit_solution(
                 f"init: expected a pytree of tensors (the starting solution), got a leaf of type "
                 f"{type(leaf).__name__}; pass tensors, e.g. torch.zeros(n)"
             )
+    check_optimality_fn(optimality_fn, init, args)
     arg_tensors = [problem.arg_leaves[i] for i in problem.tensor_positions]
-    if torch.is_grad_enabled() and not any(is_grad_tracking(t) for t in arg_tensors):
-        # No backward will run, so check here that no other tensor wanted a gradient.
-        check_requires_no_grad(optimality_fn, init, problem.args(arg_tensors))
     outputs = _ImplicitSolution.apply(problem, *init_leaves, *arg_tensors)
     n_solution = len(outputs) - len(problem.aux_tensor_positions)
     solution = problem.solution(outputs[:n_solution])
