@@ -25,7 +25,6 @@ from ._implicit_checks import (
     check_optimality_fn,
     check_requires_no_grad,
     check_same_structure,
-    is_grad_tracking,
 )
 from ._linear_solve import solve_cg, solve_normal_cg  # noqa: F401 (solve_cg: the doctests)
 
@@ -73,7 +72,8 @@ class _Problem:
         return optree.tree_unflatten(self.aux_def, leaves)
 
     def residual(self, solution: Tree, arg_tensors: tuple[Tensor, ...]) -> Tree:
-        residual = self.optimality_fn(solution, *self.args(arg_tensors))
+        # Tuple concatenation, not f(x, *a): torch 2.4's Dynamo fails on the latter (twice).
+        residual = self.optimality_fn(*((solution,) + self.args(arg_tensors)))  # noqa: RUF005
         check_same_structure(
             "optimality_fn(solution, *args)", residual, "the solution", solution, shapes=True
         )
@@ -97,7 +97,7 @@ class _ImplicitSolution(torch.autograd.Function):
     @staticmethod
     def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:
         init = optree.tree_unflatten(problem.init_def, list(tensors[: problem.n_init]))
-        output = problem.solver(init, *problem.args(tensors[problem.n_init :]))
+        output = problem.solver(*((init,) + problem.args(tensors[problem.n_init :])))  # noqa: RUF005
         if problem.has_aux:
             if not (isinstance(output, tuple) and len(output) == 2):
                 raise TypeError(
@@ -117,7 +117,7 @@ class _ImplicitSolution(torch.autograd.Function):
         aux_tensors = [aux_leaves[i] for i in problem.aux_tensor_positions]
         # An output that is an input would alias it; autograd.Function wants fresh tensors.
         inputs = {id(t) for t in tensors}
-        return tuple(t.clone() if id(t) in inputs else t for t in (*leaves, *aux_tensors))
+        return tuple(t.clone() if id(t) in inputs else t for t in leaves + aux_tensors)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -169,7 +169,6 @@ class _ImplicitSolution(torch.autograd.Function):
 def _implicit_solution(
     optimality_fn: Callable, solve: Solve, has_aux: bool, solver: Callable, init: Tree, args: tuple
 ) -> Any:
-    check_optimality_fn(optimality_fn)
     problem = _Problem(optimality_fn, solver, solve, has_aux, init, args)
     init_leaves = optree.tree_leaves(init, none_is_leaf=True)
     for leaf in init_leaves:
@@ -178,10 +177,8 @@ def _implicit_solution(
                 f"init: expected a pytree of tensors (the starting solution), got a leaf of type "
                 f"{type(leaf).__name__}; pass tensors, e.g. torch.zeros(n)"
             )
+    check_optimality_fn(optimality_fn, init, args)
     arg_tensors = [problem.arg_leaves[i] for i in problem.tensor_positions]
-    if torch.is_grad_enabled() and not any(is_grad_tracking(t) for t in arg_tensors):
-        # No backward will run, so check here that no other tensor wanted a gradient.
-        check_requires_no_grad(optimality_fn, init, problem.args(arg_tensors))
     outputs = _ImplicitSolution.apply(problem, *init_leaves, *arg_tensors)
     n_solution = len(outputs) - len(problem.aux_tensor_positions)
     solution = problem.solution(outputs[:n_solution])

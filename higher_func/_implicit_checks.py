@@ -146,16 +146,25 @@ def check_same_structure(name: str, tree: Any, other_name: str, other: Any, shap
         )
 
 
-def check_optimality_fn(optimality_fn: Callable) -> None:
+def check_optimality_fn(optimality_fn: Callable, init: Any, args: tuple) -> None:
     """The checks of the optimality function at each call, eager or compiled."""
     if torch.compiler.is_compiling():
-        _checks_under_compile(optimality_fn)  # the graph breaks here (see there why)
+        _checks_under_compile(optimality_fn, init, args)  # the graph breaks here (see why there)
     else:
-        check_captured(optimality_fn, "optimality_fn")
+        _checks(optimality_fn, init, args)
+
+
+def _checks(optimality_fn: Callable, init: Any, args: tuple) -> None:
+    check_captured(optimality_fn, "optimality_fn")
+    leaves: list[Any] = optree.tree_leaves(args, none_is_leaf=True)  # type: ignore[arg-type]
+    tensors = [t for t in leaves if isinstance(t, Tensor)]
+    if torch.is_grad_enabled() and not any(is_grad_tracking(t) for t in tensors):
+        # No backward will run to check it, so check here that nothing else wanted a gradient.
+        check_requires_no_grad(optimality_fn, init, args)
 
 
 @torch.compiler.disable
-def _checks_under_compile(optimality_fn: Callable) -> None:
+def _checks_under_compile(optimality_fn: Callable, init: Any, args: tuple) -> None:
     """The checks, run outside the graph: Dynamo breaks the graph here, on purpose.
 
     On torch 2.13 a ``torch.func`` transform compiled with Dynamo drops an
@@ -165,7 +174,7 @@ def _checks_under_compile(optimality_fn: Callable) -> None:
     number without it). Should a graph be compiled and resumed inside a differentiating
     transform anyway, the transform is on the interpreter stack here, and this raises.
     """
-    check_captured(optimality_fn, "optimality_fn")
+    _checks(optimality_fn, init, args)
     transforms = torch._C._functorch.TransformType
     stack = torch._C._functorch.get_interpreter_stack() or []
     if any(level.key() in (transforms.Grad, transforms.Jvp) for level in stack):

@@ -69,6 +69,7 @@ def test_every_public_name_has_a_runnable_example() -> None:
         higher_func,
         higher_func.optim,
         higher_func.func,
+        higher_func.implicit,
         higher_func.patch,
         higher_func.utils,
     ):

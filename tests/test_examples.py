@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 def run_example(arguments: list[str], cwd: Path, prelude: str = "") -> str:
     """Run ``python [-c prelude+runpy] examples/...`` and return its output; fail loudly."""
-    # The checkout under test first: its higher_func, not an installed one.
+    # The examples' folder and this checkout's root: the examples run the code under test.
     path = os.pathsep.join([str(EXAMPLES), str(EXAMPLES.parent)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     env.pop("WORLD_SIZE", None)

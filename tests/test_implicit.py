@@ -337,6 +337,18 @@ def test_solver_iterations_and_init_are_not_differentiated() -> None:
     assert rel_error(d_lam, -torch.linalg.solve(A, w.detach()).sum()) < 1e-12
 
 
+def test_a_solver_returning_its_init_unchanged() -> None:
+    X, y, X_val, y_val = data()
+    lam = torch.tensor(0.7)
+    ridge = custom_root(ridge_gradient, solve=solve_lu)(lambda init, lam, X, y: init)
+    start = closed_form(lam, X, y)  # already the solution: the solver has nothing to do
+
+    def loss(lam: Tensor) -> Tensor:
+        return ((X_val @ ridge(start, lam, X, y) - y_val) ** 2).sum()
+
+    assert rel_error(grad(loss)(lam), grad(reference_loss)(lam, X, y, X_val, y_val)) < 1e-10
+
+
 def test_non_tensor_arguments_pass_through() -> None:
     X, y, _, _ = data()
 
@@ -512,7 +524,7 @@ def test_compiled_grad_keeps_the_custom_backward() -> None:
         return _TripleBackward.apply(x)
 
     def guarded(x: Tensor) -> Tensor:
-        check_optimality_fn(ridge_gradient)
+        check_optimality_fn(torch.sin, x, ())  # custom_root's check before the Function
         return _TripleBackward.apply(x)
 
     x = torch.tensor(1.0)
