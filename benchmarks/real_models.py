@@ -94,6 +94,7 @@ def _compiled(case: cases.Case, backend: str) -> str:
     objective = hf.MetaObjective(case.model, opt, case.loss, steps=cases.STEPS)
     support, query = case.tasks(batched=True)
     value, grads = objective.value_and_grad(support, query)
+    torch._dynamo.reset()  # each model compiled afresh (value_and_grad is one code object)
     start = time.perf_counter()
     fast = hf.func.compiled(objective.value_and_grad, backend=backend)
     compiled_value, compiled_grads = fast(support, query)
