@@ -89,7 +89,7 @@ class Implementation:
             raise Unavailable(f"not applicable to the {workload.family} workload")
         for name in getattr(workload.problem, "requires", ()):
             if _module(name) is None:
-                raise Unavailable(f"the model needs {name}: pip install {name} (extra 'bench')")
+                raise Unavailable(f"the model needs {name}: pip install {name}")
         return builder(workload.problem)
 
 
