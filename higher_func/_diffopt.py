@@ -1243,6 +1243,8 @@ def _flat_step_applies(rule: Any, params: list[Tensor], grads: Sequence[Any]) ->
             return False
         if t.dtype != first.dtype or t.device != first.device:
             return False
+    if any(g.shape != p.shape for p, g in zip(params, grads, strict=True)):
+        return False  # the per-parameter step names the gradient of the wrong shape
     return all(
         not isinstance(v, Mapping) and (not isinstance(v, Tensor) or v.dim() == 0)
         for v in optree.tree_leaves(rule.hyperparameters, none_is_leaf=True)
