@@ -236,3 +236,13 @@ def test_drop_in_low_precision_follows_torch_optim_over_1000_steps(case, dtype) 
     assert fast[0].dtype == dtype and not ours.isnan().any()
     ulp = torch.finfo(dtype).eps * theirs.abs().max()
     assert (ours - theirs).abs().max() <= 4 * ulp
+
+
+def test_mixed_precision_drop_in_equals_hand_written_loop() -> None:
+    """float32 weights, a bfloat16 autocast forward: the gradients come back in float32
+    (the weights' dtype), the weights stay float32, and the trace is the hand-written one."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = drop_in(hf, torch.optim.Adam, lr=0.05)
+        reference = by_hand(adam_by_hand(0.05))
+    assert all(p.dtype == torch.float32 for p in ours[1])
+    assert_same_trace(ours, reference)
