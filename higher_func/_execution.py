@@ -165,6 +165,8 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
             return False
         if t.dtype != first.dtype or t.device != first.device:
             return False
+    if any(g.shape != p.shape for p, g in zip(params, grads, strict=True)):
+        return False  # the per-parameter step names the gradient of the wrong shape
     if first.device.type == "cpu":
         size = sum(p.numel() for p in params) * first.element_size()
         if size > FLAT_MAX_BYTES or size > FLAT_MAX_MEAN_BYTES * len(params):

@@ -204,7 +204,7 @@ LOW_PRECISION_IDS = [
 @dataclass(frozen=True)
 class ErrorCase:
     """A misuse, and the error it gets from every entry point (``rule.step`` and
-    ``diffopt.step``), matched by message.  The parameter is one ``(3, 1)`` weight."""
+    ``diffopt.step``), matched by message.  The mistake is made on a ``(3, 1)`` weight."""
 
     name: str
     torch_class: type[torch.optim.Optimizer]
@@ -236,6 +236,14 @@ ERROR_CASES = (
         ValueError,
         r"has shape \(1,\) but params\S* has shape \(3, 1\)",
         bad_grad=lambda g: g[:1, 0],
+    ),
+    ErrorCase(
+        "grad-of-same-size-and-wrong-shape",
+        torch.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9},
+        ValueError,
+        r"has shape \(1, 3\) but params\S* has shape \(3, 1\)",
+        bad_grad=lambda g: g.reshape(1, 3),
     ),
     ErrorCase(
         "grad-of-wrong-dtype-sgd",

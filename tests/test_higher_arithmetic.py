@@ -17,6 +17,8 @@ from torch.func import functional_call
 
 import higher_func as hf
 
+from optimizer_cases import CASES, LOW_PRECISION_DTYPES
+
 STEPS = 10
 
 
@@ -194,3 +196,53 @@ def test_drop_in_adam_has_highers_moments_and_torchs_eps() -> None:
     for k in theirs:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(ours[k][key], theirs[k][key])
+
+
+# --------------------------------------------------------------------------- low precision
+
+DROP_IN_LOW_PRECISION = [
+    pytest.param(
+        case,
+        dtype,
+        marks=()
+        if case.name in {"adam", "nadam", "radam"} and dtype == torch.bfloat16
+        else pytest.mark.slow,
+        id=f"{case.name}-{str(dtype).removeprefix('torch.')}",
+    )
+    for case in CASES
+    for dtype in LOW_PRECISION_DTYPES
+]
+
+
+@pytest.mark.parametrize(("case", "dtype"), DROP_IN_LOW_PRECISION)
+def test_drop_in_low_precision_follows_torch_optim_over_1000_steps(case, dtype) -> None:
+    """bfloat16/float16 weights through the differentiable optimizer: no stalled step
+    counter, no bias correction rounded to 0. The drop-in rounds as higher does, so it is
+    within a few units in the last place of torch.optim (a stall is 10 to 40 away)."""
+    torch.manual_seed(0)
+    options = case.option_sets[0]
+    start = torch.randn(16).to(dtype)
+    reference = start.clone().requires_grad_()
+    torch_opt = case.torch_class([reference], **options)
+    weight = start.clone().requires_grad_()
+    opt = case.torch_class([weight], **options)
+    diffopt = hf.optim.get_diff_optim(opt, [weight], track_higher_grads=False)
+    fast = [weight]
+    for g in torch.randn(1000, 16).to(dtype):
+        reference.grad = g
+        torch_opt.step()
+        fast = diffopt.step((fast[0] * g).sum(), params=fast)  # its gradient is g
+    ours, theirs = fast[0].detach().float(), reference.detach().float()
+    assert fast[0].dtype == dtype and not ours.isnan().any()
+    ulp = torch.finfo(dtype).eps * theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 4 * ulp
+
+
+def test_mixed_precision_drop_in_equals_hand_written_loop() -> None:
+    """float32 weights, a bfloat16 autocast forward: the gradients come back in float32
+    (the weights' dtype), the weights stay float32, and the trace is the hand-written one."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = drop_in(hf, torch.optim.Adam, lr=0.05)
+        reference = by_hand(adam_by_hand(0.05))
+    assert all(p.dtype == torch.float32 for p in ours[1])
+    assert_same_trace(ours, reference)

@@ -29,13 +29,16 @@ def through_rule(case: ErrorCase) -> None:
 
 
 def through_diffopt(case: ErrorCase) -> None:
-    model = torch.nn.Linear(1, 3, bias=False)
+    """The weight gets the bad gradient; with the bias, a stateful group could be stepped as
+    one flat tensor, which must not hide the mistake."""
+    model = torch.nn.Linear(1, 3)
     opt = case.torch_class(model.parameters(), **case.options)
     bad_grad = case.bad_grad
-    callback = None if bad_grad is None else (lambda grads: [bad_grad(g) for g in grads])
+    callback = None if bad_grad is None else (lambda grads: [bad_grad(grads[0]), grads[1]])
     diffopt = hf.optim.get_diff_optim(opt, model.parameters(), grad_callback=callback)
     diffopt.param_groups[0].update(case.bad_options)
     loss = model(torch.ones(2, 1)).pow(2).sum()
+    assert len(list(model.parameters())) == 2
     diffopt.step(loss, params=list(model.parameters()))
 
 
