@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=10, help="support/query points per task")
     parser.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps per task")
     parser.add_argument("--inner-lr", type=float, default=0.01, help="inner SGD learning rate")
-    parser.add_argument("--meta-lr", type=float, default=1e-3, help="outer Adam learning rate")
+    parser.add_argument("--meta-lr", type=float, default=3e-3, help="outer Adam learning rate")
     parser.add_argument(
         "--first-order",
         action="store_true",

@@ -74,6 +74,7 @@ def test_tiny_run(name: str, tmp_path: Path) -> None:
 def test_help_documents_options(name: str, tmp_path: Path) -> None:
     output = run_example([str(EXAMPLES / f"{name}.py"), "--help"], tmp_path)
     assert "--tiny" in output and "usage:" in output
+    assert "(default:" in output, f"{name} --help does not show the defaults"
 
 
 def test_runs_without_the_optional_extras(tmp_path: Path) -> None:
