@@ -22,8 +22,7 @@ meta-gradient after one warm-up at 2 steps.  ``--live`` measures live tensor byt
 
     python benchmarks/long_unrolls.py                      # the full table (about 10 minutes)
     python benchmarks/long_unrolls.py --steps 10,50 --methods plain,recompute
-    python benchmarks/long_unrolls.py --docs               # also rewrite docs/performance.md's
-                                                           # long-unroll section and chart
+    python benchmarks/long_unrolls.py --render docs/long-unrolls.png   # table and chart
 """
 
 from __future__ import annotations
@@ -189,8 +188,14 @@ def measure(method: str, steps: int, live: bool = False) -> dict[str, Any]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def table(methods: list[str], steps: list[int], live: bool = False) -> dict[str, Any]:
+def table(
+    methods: list[str], steps: list[int], path: Path, live: bool = False, merge: bool = False
+) -> dict[str, Any]:
+    """Measure every (method, steps), saving ``path`` after each (``merge``: add to it)."""
     results: dict[str, Any] = {}
+    if merge and path.exists():
+        results = json.loads(path.read_text())["results"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         for k in steps:
             if method in KEEPS_GRAPH and k > GRAPH_LIMIT:
@@ -198,7 +203,68 @@ def table(methods: list[str], steps: list[int], live: bool = False) -> dict[str,
                 continue
             results[f"{method}/{k}"] = measure(method, k, live)
             print(method, k, results[f"{method}/{k}"], flush=True)
+            path.write_text(json.dumps({"live": live, "results": results}, indent=1))
     return results
+
+
+LABELS = {
+    "plain": "plain unroll (exact)",
+    "recompute": "recompute=True (exact)",
+    "forward": "forward mode, d/d lr (exact)",
+    "first_order": "first_order=True (approx.)",
+    "truncate": f"truncate={TRUNCATE} (approx.)",
+    "higher": "higher 0.2.1 (exact)",
+    "torchopt": "torchopt 0.7.3 MetaAdam (exact)",
+}
+
+
+def markdown(results: dict[str, Any], steps: list[int]) -> str:
+    """The table: peak MB (seconds) per method and number of steps."""
+    header = "| method | " + " | ".join(f"{k} steps" for k in steps) + " |"
+    lines = [header, "|---" * (len(steps) + 1) + "|"]
+    for method in METHODS:
+        cells = []
+        for k in steps:
+            cell = results.get(f"{method}/{k}")
+            if cell is None or "error" in cell:
+                cells.append("")
+            else:
+                cells.append(f"{cell['peak_bytes'] / 1e6:,.0f} MB ({cell['s']:.1f} s)")
+        if any(cells):
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory, seconds) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in METHODS:
+        points = sorted(
+            (int(key.split("/")[1]), cell)
+            for key, cell in results.items()
+            if key.split("/")[0] == method and "error" not in cell
+        )
+        if not points:
+            continue
+        steps = [k for k, _ in points]
+        memory.plot(
+            steps, [c["peak_bytes"] / 1e6 for _, c in points], marker="o", label=LABELS[method]
+        )
+        seconds.plot(steps, [c["s"] for _, c in points], marker="o", label=LABELS[method])
+    for axis, label in ((memory, "peak RSS of the process (MB)"), (seconds, "seconds")):
+        axis.set_xscale("log")
+        axis.set_xlabel("inner Adam steps")
+        axis.set_ylabel(label)
+    memory.set_yscale("log")
+    seconds.set_yscale("log")
+    memory.legend(fontsize=8)
+    fig.suptitle("One meta-gradient: float64 tanh MLP 16-64-64-64-1, batch 2048, inner Adam")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -207,16 +273,22 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated")
     parser.add_argument("--live", action="store_true", help="live tensor bytes, not peak RSS")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/long_unrolls.json")
+    parser.add_argument("--merge", action="store_true", help="add to the results in --json")
+    parser.add_argument("--render", type=Path, help="print the table of --json, save a chart")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]), args.live)))
         return
+    if args.render:
+        results = json.loads(args.json.read_text())["results"]
+        print(markdown(results, [int(s) for s in args.steps.split(",")]))
+        chart(results, args.render)
+        print(f"saved {args.render}")
+        return
     methods = args.methods.split(",")
     steps = [int(s) for s in args.steps.split(",")]
-    results = table(methods, steps, args.live)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"live": args.live, "results": results}, indent=1))
+    table(methods, steps, args.json, args.live, args.merge)
     print(f"saved {args.json}")
 
 
