@@ -23,6 +23,7 @@ meta-gradient after one warm-up at 2 steps.  ``--live`` measures live tensor byt
     python benchmarks/long_unrolls.py                      # the full table (about 10 minutes)
     python benchmarks/long_unrolls.py --steps 10,50 --methods plain,recompute
     python benchmarks/long_unrolls.py --render docs/long-unrolls.png   # table and chart
+    python benchmarks/long_unrolls.py --ratios 100 --methods plain,recompute,forward
 """
 
 from __future__ import annotations
@@ -207,6 +208,29 @@ def table(
     return results
 
 
+def time_ratios(methods: list[str], steps: int, rounds: int = 3) -> dict[str, float]:
+    """Median CPU seconds (one thread) per method, interleaved in one process.
+
+    CPU time of alternating runs is steadier than wall time on a shared machine; this is
+    where the report's time ratios come from.
+    """
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    runs = {method: _runner(method) for method in methods}
+    for run in runs.values():
+        run(2)
+    seconds: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method, run in runs.items():
+            start = time.process_time()
+            run(steps)
+            seconds[method].append(time.process_time() - start)
+    return {method: statistics.median(values) for method, values in seconds.items()}
+
+
 LABELS = {
     "plain": "plain unroll (exact)",
     "recompute": "recompute=True (exact)",
@@ -219,50 +243,44 @@ LABELS = {
 
 
 def markdown(results: dict[str, Any], steps: list[int]) -> str:
-    """The table: peak MB (seconds) per method and number of steps."""
+    """The table: peak RSS in MB per method and number of steps."""
     header = "| method | " + " | ".join(f"{k} steps" for k in steps) + " |"
     lines = [header, "|---" * (len(steps) + 1) + "|"]
     for method in METHODS:
         cells = []
         for k in steps:
             cell = results.get(f"{method}/{k}")
-            if cell is None or "error" in cell:
-                cells.append("")
-            else:
-                cells.append(f"{cell['peak_bytes'] / 1e6:,.0f} MB ({cell['s']:.1f} s)")
+            ok = cell is not None and "error" not in cell
+            cells.append(f"{cell['peak_bytes'] / 1e6:,.0f}" if ok else "")
         if any(cells):
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
+    """Peak RSS against steps, one line per method (wall times on a shared CPU are noise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (memory, seconds) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axis = plt.subplots(figsize=(8, 4.8))
     for method in METHODS:
         points = sorted(
-            (int(key.split("/")[1]), cell)
+            (int(key.split("/")[1]), cell["peak_bytes"] / 1e6)
             for key, cell in results.items()
             if key.split("/")[0] == method and "error" not in cell
         )
-        if not points:
-            continue
-        steps = [k for k, _ in points]
-        memory.plot(
-            steps, [c["peak_bytes"] / 1e6 for _, c in points], marker="o", label=LABELS[method]
-        )
-        seconds.plot(steps, [c["s"] for _, c in points], marker="o", label=LABELS[method])
-    for axis, label in ((memory, "peak RSS of the process (MB)"), (seconds, "seconds")):
-        axis.set_xscale("log")
-        axis.set_xlabel("inner Adam steps")
-        axis.set_ylabel(label)
-    memory.set_yscale("log")
-    seconds.set_yscale("log")
-    memory.legend(fontsize=8)
-    fig.suptitle("One meta-gradient: float64 tanh MLP 16-64-64-64-1, batch 2048, inner Adam")
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=LABELS[method])
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("inner Adam steps")
+    axis.set_ylabel("peak RSS of a fresh process (MB)")
+    axis.set_title(
+        "One meta-gradient: float64 MLP 16-64-64-64-1, batch 2048, inner Adam", fontsize=10
+    )
+    axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -274,11 +292,18 @@ def main() -> None:
     parser.add_argument("--live", action="store_true", help="live tensor bytes, not peak RSS")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/long_unrolls.json")
     parser.add_argument("--merge", action="store_true", help="add to the results in --json")
+    parser.add_argument("--ratios", type=int, metavar="STEPS", help="CPU-time ratios at STEPS")
     parser.add_argument("--render", type=Path, help="print the table of --json, save a chart")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]), args.live)))
+        return
+    if args.ratios:
+        medians = time_ratios(args.methods.split(","), args.ratios)
+        for method, seconds in medians.items():
+            ratio = seconds / medians.get("plain", seconds)
+            print(f"{method:12s} {seconds:7.2f} s CPU  {ratio:5.2f}x plain")
         return
     if args.render:
         results = json.loads(args.json.read_text())["results"]

@@ -674,6 +674,8 @@ class MetaObjective:
         randomness: ``vmap``'s policy for dropout and other random ops (``"error"``,
             ``"different"``, ``"same"``).
         chunk_size: vmap this many tasks at a time.
+        recompute: store iterates and rebuild steps in the backward pass, for long inner
+            loops at bounded memory (see :func:`inner_loop`).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -697,6 +699,7 @@ class MetaObjective:
         truncate: int | None = None,
         randomness: str = "error",
         chunk_size: int | None = None,
+        recompute: bool = False,
     ) -> None:
         _check_callable("loss_fn", loss_fn)
         _check_steps(steps, truncate)
@@ -710,6 +713,7 @@ class MetaObjective:
             "truncate": truncate,
             "randomness": randomness,
             "chunk_size": chunk_size,
+            "recompute": recompute,
         }
 
     def _task_loss(self, params: Params, buffers: Params, inputs: Any, targets: Any) -> Any:
