@@ -22,8 +22,8 @@ meta-gradient after one warm-up at 2 steps.  ``--live`` measures live tensor byt
 
     python benchmarks/long_unrolls.py                      # the full table (about 10 minutes)
     python benchmarks/long_unrolls.py --steps 10,50 --methods plain,recompute
-    python benchmarks/long_unrolls.py --docs               # also rewrite docs/performance.md's
-                                                           # long-unroll section and chart
+    python benchmarks/long_unrolls.py --render docs/long-unrolls.png   # table and chart
+    python benchmarks/long_unrolls.py --ratios 100 --methods plain,recompute,forward
 """
 
 from __future__ import annotations
@@ -189,8 +189,14 @@ def measure(method: str, steps: int, live: bool = False) -> dict[str, Any]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def table(methods: list[str], steps: list[int], live: bool = False) -> dict[str, Any]:
+def table(
+    methods: list[str], steps: list[int], path: Path, live: bool = False, merge: bool = False
+) -> dict[str, Any]:
+    """Measure every (method, steps), saving ``path`` after each (``merge``: add to it)."""
     results: dict[str, Any] = {}
+    if merge and path.exists():
+        results = json.loads(path.read_text())["results"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         for k in steps:
             if method in KEEPS_GRAPH and k > GRAPH_LIMIT:
@@ -198,7 +204,85 @@ def table(methods: list[str], steps: list[int], live: bool = False) -> dict[str,
                 continue
             results[f"{method}/{k}"] = measure(method, k, live)
             print(method, k, results[f"{method}/{k}"], flush=True)
+            path.write_text(json.dumps({"live": live, "results": results}, indent=1))
     return results
+
+
+def time_ratios(methods: list[str], steps: int, rounds: int = 3) -> dict[str, float]:
+    """Median CPU seconds (one thread) per method, interleaved in one process.
+
+    CPU time of alternating runs is steadier than wall time on a shared machine; this is
+    where the report's time ratios come from.
+    """
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    runs = {method: _runner(method) for method in methods}
+    for run in runs.values():
+        run(2)
+    seconds: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method, run in runs.items():
+            start = time.process_time()
+            run(steps)
+            seconds[method].append(time.process_time() - start)
+    return {method: statistics.median(values) for method, values in seconds.items()}
+
+
+LABELS = {
+    "plain": "plain unroll (exact)",
+    "recompute": "recompute=True (exact)",
+    "forward": "forward mode, d/d lr (exact)",
+    "first_order": "first_order=True (approx.)",
+    "truncate": f"truncate={TRUNCATE} (approx.)",
+    "higher": "higher 0.2.1 (exact)",
+    "torchopt": "torchopt 0.7.3 MetaAdam (exact)",
+}
+
+
+def markdown(results: dict[str, Any], steps: list[int]) -> str:
+    """The table: peak RSS in MB per method and number of steps."""
+    header = "| method | " + " | ".join(f"{k} steps" for k in steps) + " |"
+    lines = [header, "|---" * (len(steps) + 1) + "|"]
+    for method in METHODS:
+        cells = []
+        for k in steps:
+            cell = results.get(f"{method}/{k}")
+            ok = cell is not None and "error" not in cell
+            cells.append(f"{cell['peak_bytes'] / 1e6:,.0f}" if ok else "")
+        if any(cells):
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Peak RSS against steps, one line per method (wall times on a shared CPU are noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(8, 4.8))
+    for method in METHODS:
+        points = sorted(
+            (int(key.split("/")[1]), cell["peak_bytes"] / 1e6)
+            for key, cell in results.items()
+            if key.split("/")[0] == method and "error" not in cell
+        )
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=LABELS[method])
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("inner Adam steps")
+    axis.set_ylabel("peak RSS of a fresh process (MB)")
+    axis.set_title(
+        "One meta-gradient: float64 MLP 16-64-64-64-1, batch 2048, inner Adam", fontsize=10
+    )
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -207,16 +291,29 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated")
     parser.add_argument("--live", action="store_true", help="live tensor bytes, not peak RSS")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/long_unrolls.json")
+    parser.add_argument("--merge", action="store_true", help="add to the results in --json")
+    parser.add_argument("--ratios", type=int, metavar="STEPS", help="CPU-time ratios at STEPS")
+    parser.add_argument("--render", type=Path, help="print the table of --json, save a chart")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]), args.live)))
         return
+    if args.ratios:
+        medians = time_ratios(args.methods.split(","), args.ratios)
+        for method, seconds in medians.items():
+            ratio = seconds / medians.get("plain", seconds)
+            print(f"{method:12s} {seconds:7.2f} s CPU  {ratio:5.2f}x plain")
+        return
+    if args.render:
+        results = json.loads(args.json.read_text())["results"]
+        print(markdown(results, [int(s) for s in args.steps.split(",")]))
+        chart(results, args.render)
+        print(f"saved {args.render}")
+        return
     methods = args.methods.split(",")
     steps = [int(s) for s in args.steps.split(",")]
-    results = table(methods, steps, args.live)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"live": args.live, "results": results}, indent=1))
+    table(methods, steps, args.json, args.live, args.merge)
     print(f"saved {args.json}")
 
 

@@ -714,6 +714,8 @@ class MetaObjective:
         batching: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :func:`batched_meta_loss`);
             ``"auto"`` goes straight to the loop, with a one-time warning, for a model
             with an ``nn.LSTM``/``GRU``/``RNN`` or a training-mode ``spectral_norm``.
+        recompute: store iterates and rebuild steps in the backward pass, for long inner
+            loops at bounded memory (see :func:`inner_loop`).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -738,6 +740,7 @@ class MetaObjective:
         randomness: str = "error",
         chunk_size: int | None = None,
         batching: str = "auto",
+        recompute: bool = False,
     ) -> None:
         _check_callable("loss_fn", loss_fn)
         _check_steps(steps, truncate)
@@ -753,6 +756,7 @@ class MetaObjective:
             "truncate": truncate,
             "randomness": randomness,
             "chunk_size": chunk_size,
+            "recompute": recompute,
         }
 
     def _task_loss(self, params: Params, buffers: Params, inputs: Any, targets: Any) -> Any:

@@ -25,6 +25,7 @@ differentiable: second-order meta-derivatives (``create_graph=True``, nested
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -329,8 +330,20 @@ def _check_nothing_captured(
         )
 
 
-@torch.compiler.disable  # a Python walk over the steps: torch.compile runs it eagerly
-def recomputed_inner_loop(
+def recomputed_inner_loop(*args: Any) -> tuple[Any, Any, Any, Tensor, tuple[Any, ...] | None]:
+    """:func:`_recomputed_inner_loop`, kept out of ``torch.compile`` (it runs eagerly there).
+
+    A compiled caller has imported ``torch._dynamo``; an eager program need not pay for that
+    import (seconds), so the ``disable`` wrapper is made only once dynamo is loaded.
+    """
+    if "torch._dynamo" in sys.modules:
+        from torch import _dynamo
+
+        return _dynamo.disable(_recomputed_inner_loop)(*args)
+    return _recomputed_inner_loop(*args)
+
+
+def _recomputed_inner_loop(
     objective: Callable[..., Any],
     rule: Any,
     start: tuple[Any, Any, Any],

@@ -379,3 +379,18 @@ def test_under_torch_compile_recompute_runs_eagerly() -> None:
     expected = torch.func.grad(objective)(params, False)
     got = torch.compile(torch.func.grad(objective))(params, True)
     torch.testing.assert_close(got["w"], expected["w"], **TOL)
+
+
+def test_meta_objective_from_innerloop_ctx_pieces() -> None:
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
+    inner = torch.optim.Adam(net.parameters(), lr=0.01)
+    support, query = data(tasks=2), data(tasks=2)
+
+    def meta_gradient(recompute: bool) -> list[torch.Tensor]:
+        objective = hf.MetaObjective(
+            net, inner, torch.nn.functional.mse_loss, steps=4, recompute=recompute
+        )
+        return list(objective.value_and_grad(support, query)[1].values())
+
+    for plain, recomputed in zip(meta_gradient(False), meta_gradient(True), strict=True):
+        torch.testing.assert_close(recomputed, plain, **TOL)
