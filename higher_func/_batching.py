@@ -22,6 +22,8 @@ model's RNNs and training-mode spectral norms); pass ``batching="loop"`` there f
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import traceback
 import types
 import warnings
@@ -228,4 +230,15 @@ def _warn_once(message: str) -> None:
     if message in _warned or torch.compiler.is_compiling():
         return
     _warned.add(message)
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=_caller_level())
+
+
+_LIBRARIES = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside higher_func and torch (the user's)."""
+    frame, level = sys._getframe(2), 2  # the frame that called _warn_once
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level

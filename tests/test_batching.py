@@ -112,6 +112,7 @@ def test_auto_falls_back_to_the_loop_with_one_warning_and_equals_innerloop_ctx(
     with pytest.warns(UserWarning, match="in a loop") as caught:
         losses = meta(support, query, reduction="none")
     assert module in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     torch.testing.assert_close(losses.detach(), expected_losses, **TOL)
     losses.mean().backward()
     for p, expected in zip(model.parameters(), expected_grads, strict=True):
