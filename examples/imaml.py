@@ -42,9 +42,13 @@ Params = dict[str, Tensor]
 MODEL = sinusoid_mlp()
 
 
+class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's layout and shows every default."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormat
     )
     parser.add_argument("--iterations", type=int, default=250, help="meta-iterations")
     parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
