@@ -12,6 +12,8 @@ from typing import Any, Final
 
 from torch import Tensor, nn
 
+from ._errors import grad_shape
+
 #: ``diffopt.step(loss)`` where ``loss`` reaches none of the fast weights being stepped.
 UNUSED_LOSS: Final = (
     "loss does not depend on any of the fast weights this step updates, so the step would "
@@ -57,10 +59,8 @@ def check_like_params(
                 f"{argument}[{k}] must be a torch.Tensor or None, got {type(value).__name__}."
             )
         if value.shape != param.shape:
-            raise ValueError(
-                f"{argument}[{k}] has shape {tuple(value.shape)} but parameter {k} has shape "
-                f"{tuple(param.shape)}; return one gradient shaped like each parameter, in "
-                f"reference_params order (None to leave a parameter unchanged)."
+            raise grad_shape(
+                f"{argument}[{k}]", tuple(value.shape), f"params[{k}]", tuple(param.shape)
             )
 
 

@@ -22,6 +22,22 @@ UNKNOWN_OVERRIDE: Final = (
 )
 
 
+#: A gradient not shaped like its parameter, from ``rule.step`` or a ``grad_callback``.
+#: ``ValueError``: torch.optim's in-place update never broadcasts a gradient.
+GRAD_SHAPE: Final = (
+    "{grad} has shape {got} but {param} has shape {expected}; a gradient is never broadcast. "
+    "Pass one gradient shaped like its parameter (check a grad_callback or a hand-built "
+    "gradient)."
+)
+
+
+def grad_shape(
+    grad: str, got: tuple[int, ...], param: str, expected: tuple[int, ...]
+) -> ValueError:
+    """The error for gradient ``grad`` of shape ``got`` given for ``param`` of ``expected``."""
+    return ValueError(GRAD_SHAPE.format(grad=grad, got=got, param=param, expected=expected))
+
+
 def unsupported_optimizer(optimizer_class: type, supported: Iterable[type]) -> ValueError:
     """The error for an optimizer class that no registry serves."""
     names = ", ".join(sorted({k.__name__ for k in supported}))

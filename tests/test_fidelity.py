@@ -371,7 +371,8 @@ def test_grad_callback_returning_wrong_shapes_is_a_clear_error():
     with hf.innerloop_ctx(model, opt) as (fmodel, diffopt):
         with pytest.raises(
             ValueError,
-            match=r"grad_callback's result\[0\] has shape \(\) but parameter 0 has shape \(4, 3\)",
+            match=r"grad_callback's result\[0\] has shape \(\) but params\[0\] has shape "
+            r"\(4, 3\); a gradient is never broadcast",
         ):
             diffopt.step(mse(fmodel(x), y), grad_callback=lambda gs: [g.sum() for g in gs])
         with pytest.raises(TypeError, match=r"grad_callback's result\[1\] must be a torch.Tensor"):

@@ -145,24 +145,7 @@ def test_recompute_live_memory_grows_by_the_iterates_only() -> None:
     assert long - short <= 21 * per_iterate * 1.15, (short, long, per_iterate)
 
 
-SAFE_SQRT = {"adam", "adamw", "rmsprop", "adagrad", "nadam", "radam"}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case,
-            marks=pytest.mark.xfail(
-                strict=True, reason="needs the forward-mode safe_sqrt fix (issue 10)"
-            ),
-        )
-        if case.name in SAFE_SQRT
-        else case
-        for case in CASES
-    ],
-    ids=CASE_IDS,
-)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_ad_dual_tensors_stay_finite_at_a_zero_second_moment(case: OptimizerCase) -> None:
     mask = torch.tensor([0.0, 1.0], dtype=DTYPE)  # the first coordinate's gradient is 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._errors import grad_shape
 from ._math import is_traced
 from ._tensor_list import is_number
 
@@ -149,11 +150,7 @@ def check_grad(name: str, path: str, param: Tensor, grad: Tensor, accepts_sparse
             )
         grad = grad.to_dense()
     if grad.shape != param.shape:
-        raise ValueError(
-            f"grads{path} has shape {tuple(grad.shape)} but params{path} has shape "
-            f"{tuple(param.shape)}; a gradient is never broadcast. Pass one gradient "
-            f"shaped like its parameter (check a grad_callback or a hand-built gradient)."
-        )
+        raise grad_shape(f"grads{path}", tuple(grad.shape), f"params{path}", tuple(param.shape))
     if grad.dtype != param.dtype:
         raise TypeError(
             f"grads{path} is {grad.dtype} but params{path} is {param.dtype}; torch.optim "
