@@ -1,9 +1,10 @@
 """Learn a per-step learning-rate schedule through 500 inner Adam steps, at bounded memory.
 
 A small tanh network is trained from a fixed start with ``--inner-steps`` Adam steps on
-noisy points of ``y = sin(3x)``; step k uses its own learning rate ``lr_k = exp(s_k)``.  The
-validation loss after training is a differentiable function of the whole schedule, and an
-outer Adam descends on ``s`` with exact hypergradients through every inner step.
+noisy points of ``y = sin(3x)``; step k uses its own learning rate ``lr_k = exp(s_k)``,
+starting from a constant 1e-3 (too small: the network underfits).  The validation loss
+after training is a differentiable function of the whole schedule, and an outer Adam
+descends on ``s`` with exact hypergradients through every inner step.
 
 Backpropagating through 500 steps keeps 500 steps' graphs (``recompute=False``);
 ``recompute=True`` keeps only each step's parameters and Adam moments and rebuilds one step
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--inner-steps", type=int, default=500, help="Adam steps per training")
     parser.add_argument("--iterations", type=int, default=12, help="hypergradient steps")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial (constant) schedule")
+    parser.add_argument("--lr", type=float, default=0.001, help="initial (constant) schedule")
     parser.add_argument("--hyper-lr", type=float, default=0.1, help="outer Adam learning rate")
     parser.add_argument("--width", type=int, default=32, help="hidden units")
     parser.add_argument("--train-points", type=int, default=64, help="noisy training points")

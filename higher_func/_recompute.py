@@ -25,8 +25,9 @@ differentiable: second-order meta-derivatives (``create_graph=True``, nested
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import optree
@@ -98,6 +99,7 @@ class _Plan:
         self.start_constants = [x for x in leaves if not _is_tensor(x)]
         self.final_constants: list[Any] = []
         self.constants: list[list[Any]] = []  # each stored iterate's non-tensor leaves
+        self.rng: dict[int, tuple[Tensor, list[Tensor]]] = {}  # random state entering step k
         self.stored = range(1 if trajectory else max(first, 1), self.steps)
         self.shared = all(o is overrides[0] for o in overrides)
         self.override_trees = [_flatten(dict(o)) for o in overrides[: 1 if self.shared else None]]
@@ -147,6 +149,25 @@ class _Plan:
         return list(saved[offset : offset + self.size]), self.constants[j]
 
 
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor]]:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
+
+
+@contextlib.contextmanager
+def _replaying(state: tuple[Tensor, list[Tensor]]) -> Iterator[None]:
+    """The random state of a step's first run, restored after (as ``checkpoint`` does)."""
+    devices = _cuda_devices()
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        for device, cuda_state in zip(devices, state[1], strict=False):
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
 def _differentiable(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
@@ -158,8 +179,10 @@ class _RecomputedUnroll(torch.autograd.Function):
     def forward(plan: _Plan, *flat: Tensor) -> tuple[Tensor, ...]:
         iterate = plan.join(flat[: plan.size], plan.start_constants)
         batch, stored, losses = plan.batch(flat), [], []
-        plan.constants = []
+        plan.constants, plan.rng = [], {}
         for k in range(plan.steps):
+            if k >= plan.first:  # the rebuilt step draws the same random numbers (dropout)
+                plan.rng[k] = _rng_state()
             if k in plan.stored:
                 tensors, constants = plan.split(iterate, k)
                 stored += tensors
@@ -277,7 +300,8 @@ def _step_vjp(
         leaves = plan.split(tuple(iterate), k + 1)[0]
         return tuple(t for t in leaves if _differentiable(t)), value
 
-    (outputs, value), pull = vjp(rebuilt, *(everything[p] for p in wrt))  # type: ignore[misc]
+    with _replaying(plan.rng[k]):
+        (outputs, value), pull = vjp(rebuilt, *(everything[p] for p in wrt))  # type: ignore[misc]
     floats = [i for i, t in enumerate(tensors) if _differentiable(t)]
     seeds = tuple(
         torch.zeros_like(out) if adjoint[i] is None else adjoint[i]
@@ -316,9 +340,10 @@ def _check_nothing_captured(
     everything: Any = (*start, overrides, batch)
     detached: Any = optree.tree_map(lambda x: x.detach() if _is_tensor(x) else x, everything)
     params, state, buffers, overrides, batch = detached
-    value, _ = objective(params, buffers, *batch)
-    zeros = optree.tree_map(torch.zeros_like, params)
-    leaves = [value, *optree.tree_leaves(rule.step(params, zeros, state, **overrides))]
+    with torch.random.fork_rng(devices=_cuda_devices()):  # leave the random stream alone
+        value, _ = objective(params, buffers, *batch)
+        zeros = optree.tree_map(torch.zeros_like, params)
+        leaves = [value, *optree.tree_leaves(rule.step(params, zeros, state, **overrides))]
     if any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
         raise ValueError(
             "inner_loop(recompute=True): the loss or the rule uses a tensor that requires grad "

@@ -394,3 +394,18 @@ def test_meta_objective_from_innerloop_ctx_pieces() -> None:
 
     for plain, recomputed in zip(meta_gradient(False), meta_gradient(True), strict=True):
         torch.testing.assert_close(recomputed, plain, **TOL)
+
+
+def test_dropout_draws_the_same_masks_when_a_step_is_rebuilt() -> None:
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).to(DTYPE)
+    model = FunctionalModel(net.train())
+    params, loss = leaves(model), squared_error(model)
+    support, query = data(), data()
+
+    def objective(recompute: bool) -> torch.Tensor:
+        torch.manual_seed(3)  # the same random stream for both
+        return meta_loss(
+            loss, hf.optim.adam(lr=0.01), params, support, query, steps=4, recompute=recompute
+        )
+
+    assert_same(both_ways(objective, list(params.values())))
