@@ -409,3 +409,19 @@ def test_dropout_draws_the_same_masks_when_a_step_is_rebuilt() -> None:
         )
 
     assert_same(both_ways(objective, list(params.values())))
+
+
+def test_dropout_under_vmap_with_different_randomness_per_task() -> None:
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).to(DTYPE)
+    model = FunctionalModel(net.train())
+    params, loss = leaves(model), squared_error(model)
+    support, query = data(tasks=3), data(tasks=3)
+
+    def objective(recompute: bool) -> torch.Tensor:
+        torch.manual_seed(5)
+        return batched_meta_loss(
+            loss, hf.optim.adam(lr=0.01), params, support, query, steps=3,
+            randomness="different", recompute=recompute,
+        )  # fmt: skip
+
+    assert_same(both_ways(objective, list(params.values())))
