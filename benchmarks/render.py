@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 BASELINE = "higher"
 #: The saved output of ``benchmarks/plan_thresholds.py`` shown on the page.
 PLAN_THRESHOLDS = Path(__file__).resolve().parent / "results" / "plan_thresholds.txt"
+#: The saved results of ``benchmarks/long_unrolls.py`` (its own fresh-process runs).
+LONG_UNROLLS = Path(__file__).resolve().parent / "results" / "long_unrolls.json"
 REFERENCE = "torch.func loop"
 MB = 2**20
 
@@ -270,6 +273,7 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
             "```",
             "",
         ]
+    out += _long_unrolls_section()
     out += ["## Targets and status", ""]
     out += [_markdown_table(["target", "goal", "measured", "status"], _target_rows(report)), ""]
     out += ["## Implementations", ""]
@@ -282,6 +286,28 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         out += [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
     out.append("")
     return "\n".join(out)
+
+
+def _long_unrolls_section() -> list[str]:
+    """Peak memory against inner steps, from ``long_unrolls.py``'s saved results."""
+    if not LONG_UNROLLS.exists():
+        return []
+    import long_unrolls  # beside this file; imported only to render its saved table
+
+    results = json.loads(LONG_UNROLLS.read_text())["results"]
+    return [
+        "## Long unrolls",
+        "",
+        "Peak RSS (MB) of a fresh process computing one meta-gradient against the number of "
+        "inner Adam steps (float64 tanh MLP 16-64-64-64-1, batch 2048, "
+        "`MALLOC_MMAP_THRESHOLD_=131072`; about 340 MB is torch and the data). Methods, "
+        "time ratios and how to reproduce: [Long unrolls](long-unrolls.md#figures).",
+        "",
+        long_unrolls.markdown(results, list(long_unrolls.STEPS)),
+        "",
+        "![peak memory against inner steps](long-unrolls.png)",
+        "",
+    ]
 
 
 def method_notes(report: dict[str, Any]) -> list[str]:
