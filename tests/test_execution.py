@@ -14,6 +14,9 @@ import higher_func as hf
 from higher_func import _execution
 from higher_func._diffopt import _FlatState
 from higher_func._execution import Plan, plan
+from higher_func._versions import COMPILED_INNER_LOOPS
+
+from torch_versions import needs_torch
 
 FLOAT32 = 4
 
@@ -139,6 +142,7 @@ def test_under_vmap_and_grad_every_step_is_per_tensor() -> None:
     assert not _execution.under_transform()
 
 
+@needs_torch(COMPILED_INNER_LOOPS, "torch.compile of higher_func's steps")
 def test_under_torch_compile_every_step_is_per_tensor() -> None:
     def probe(x: torch.Tensor) -> torch.Tensor:
         pair = [x, x * 2]

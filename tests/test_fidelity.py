@@ -530,7 +530,13 @@ def test_adagrad_group_added_later_is_seeded_like_torch():
     for _ in range(3):
         opt.zero_grad()
         mse(model(x), y).backward()
-        opt.step()
+        try:
+            opt.step()
+        except KeyError as error:  # an older torch seeds accumulators in __init__ only
+            pytest.skip(
+                f"torch {torch.__version__}'s Adagrad cannot step a group added by "
+                f"add_param_group (KeyError {error}): no reference to compare with"
+            )
     for a, b in zip(fmodel.fast_params, model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=TOL, atol=0)
 
