@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from _common import progress, pyplot, sinusoid_mlp, sinusoid_tasks
+from _common import HelpFormatter, progress, pyplot, sinusoid_mlp, sinusoid_tasks
 from torch import Tensor
 from torch.func import functional_call, grad
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,13 +42,10 @@ Params = dict[str, Tensor]
 MODEL = sinusoid_mlp()
 
 
-class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` keeps the description's layout and shows every default."""
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormat
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=250, help="meta-iterations")
     parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")

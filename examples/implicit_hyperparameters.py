@@ -26,19 +26,15 @@ import argparse
 import functools
 
 import torch
-from _common import progress, pyplot
+from _common import HelpFormatter, progress, pyplot
 from torch import Tensor
 
 from higher_func.implicit import custom_root, solve_lu, solve_neumann
 
 
-class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` keeps the description's layout and shows every default."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormat
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=200, help="hypergradient steps")
     parser.add_argument("--features", type=int, default=80, help="weights = hyperparameters")

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import torch
-from _common import progress, pyplot
+from _common import HelpFormatter, progress, pyplot
 from torch import Tensor
 
 import higher_func as hf
@@ -41,7 +41,7 @@ DTYPE = torch.float64
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--inner-steps", type=int, default=500, help="Adam steps per training")
     parser.add_argument("--iterations", type=int, default=12, help="hypergradient steps")
