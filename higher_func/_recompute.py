@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp
 
+from ._versions import RECOMPUTE_UNDER_VMAP, require_torch
+
 __all__ = ["inner_step", "recomputed_inner_loop"]
 
 #: ``(params, state, buffers, overrides, batch) -> (params, state, buffers, loss)``
@@ -355,6 +357,12 @@ def _check_nothing_captured(
         )
 
 
+def _under_vmap() -> bool:
+    """Whether a ``vmap`` is active at any level (e.g. ``vmap(grad(...))``)."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 def recomputed_inner_loop(*args: Any) -> tuple[Any, Any, Any, Tensor, tuple[Any, ...] | None]:
     """:func:`_recomputed_inner_loop`, kept out of ``torch.compile`` (it runs eagerly there).
 
@@ -400,6 +408,9 @@ def _recomputed_inner_loop(
     _check_nothing_captured(objective, rule, start, overrides[0], batch)
     step = inner_step(objective, rule, first_order)
     plan = _Plan(step, first, start, overrides, batch, trajectory)
+    if _under_vmap():
+        require_torch(RECOMPUTE_UNDER_VMAP, "recompute=True under vmap", instead="loop over the "
+                      "tasks (batching='loop'), or use recompute=False")  # fmt: skip
     outputs = _RecomputedUnroll.apply(plan, *plan.inputs)
     final = plan.join(outputs[: plan.size], plan.final_constants)
     losses = outputs[plan.size]

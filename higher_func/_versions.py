@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "ADAM_DECOUPLED_WEIGHT_DECAY",
     "COMPILED_INNER_LOOPS",
+    "RECOMPUTE_UNDER_VMAP",
     "TORCH_VERSION",
     "TorchVersionError",
     "require_torch",
@@ -29,6 +30,10 @@ ADAM_DECOUPLED_WEIGHT_DECAY = "2.7"
 #: 2.11 compiles a rule step whose returned state is empty (tested: 2.4.1, 2.7.1, 2.9.1,
 #: 2.11.0 fail; 2.12.0, 2.13.0 and 2.14.1 pass).
 COMPILED_INNER_LOOPS = "2.12"
+#: ``recompute=True`` under ``vmap`` (``batched_meta_loss``, ``MetaObjective``): before 2.7
+#: the generated vmap rule of an ``autograd.Function`` fails on an unused output's ``None``
+#: gradient (tested: 2.4.1, 2.5.1, 2.6.0 fail; 2.7.1, 2.9.1, 2.11.0 to 2.13.0 pass).
+RECOMPUTE_UNDER_VMAP = "2.7"
 
 
 def _parse(version: str) -> tuple[int, int]:

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 import higher_func as hf
+from higher_func._versions import RECOMPUTE_UNDER_VMAP
 from higher_func.func import FunctionalModel, batched_meta_loss, inner_loop, meta_loss
 
 from optimizer_cases import CASE_IDS, CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
+from torch_versions import needs_torch
 
 DTYPE = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -228,6 +230,7 @@ def test_a_rules_own_tensor_hyperparameter_gets_its_gradient() -> None:
 # --------------------------------------------------------------------------- transforms
 
 
+@needs_torch(RECOMPUTE_UNDER_VMAP, "recompute=True under vmap")
 def test_batched_meta_loss_under_vmap_with_per_task_hyperparameters() -> None:
     model = mlp(norm=True)
     params, loss = leaves(model), stateful_error(model)
@@ -381,6 +384,7 @@ def test_under_torch_compile_recompute_runs_eagerly() -> None:
     torch.testing.assert_close(got["w"], expected["w"], **TOL)
 
 
+@needs_torch(RECOMPUTE_UNDER_VMAP, "recompute=True under vmap")
 def test_meta_objective_from_innerloop_ctx_pieces() -> None:
     net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
     inner = torch.optim.Adam(net.parameters(), lr=0.01)
@@ -411,6 +415,7 @@ def test_dropout_draws_the_same_masks_when_a_step_is_rebuilt() -> None:
     assert_same(both_ways(objective, list(params.values())))
 
 
+@needs_torch(RECOMPUTE_UNDER_VMAP, "recompute=True under vmap")
 def test_dropout_under_vmap_with_different_randomness_per_task() -> None:
     net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).to(DTYPE)
     model = FunctionalModel(net.train())

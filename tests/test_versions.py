@@ -65,3 +65,25 @@ def test_a_torch_adam_group_with_decoupled_weight_decay_is_refused(torch_2_4: No
 def test_compiling_is_refused_on_an_older_torch(torch_2_4: None, wrapper) -> None:
     with pytest.raises(hf.TorchVersionError, match="compiling inner loops .* needs torch >= "):
         wrapper(lambda x: 2 * x, backend="eager")
+
+
+def test_recompute_under_vmap_is_refused_on_an_older_torch(torch_2_4: None) -> None:
+    """Refused under vmap; the batched API's automatic fallback then loops over the tasks."""
+    params = {"w": torch.ones(2, requires_grad=True)}
+    support = query = (torch.ones(3, 4, 2), torch.zeros(3, 4))
+
+    def loss(p, x, y):
+        return ((x @ p["w"] - y) ** 2).mean()
+
+    def meta(recompute: bool, batching: str = "auto") -> torch.Tensor:
+        return hf.func.batched_meta_loss(
+            loss, hf.optim.sgd(lr=0.1), params, support, query, steps=2,
+            recompute=recompute, batching=batching,
+        )  # fmt: skip
+
+    refusal = r"recompute=True under vmap needs torch >= 2\.7"
+    with pytest.raises(hf.func.BatchingError, match=refusal):
+        meta(True, batching="vmap")
+    with pytest.warns(UserWarning, match=refusal):
+        looped = meta(True)
+    torch.testing.assert_close(looped, meta(False), rtol=0, atol=0)
