@@ -70,7 +70,15 @@ import optree
 import torch
 from torch import Tensor
 
-__all__ = ["FLAT_MAX_BYTES", "FLAT_MAX_MEAN_BYTES", "Plan", "plan", "records", "under_transform"]
+__all__ = [
+    "FLAT_MAX_BYTES",
+    "FLAT_MAX_MEAN_BYTES",
+    "Plan",
+    "forward_ad_active",
+    "plan",
+    "records",
+    "under_transform",
+]
 
 #: The largest parameter group (bytes of its weights) stepped flat on the CPU.
 FLAT_MAX_BYTES = 8 * 2**20
@@ -93,7 +101,7 @@ def under_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _forward_ad_active() -> bool:
+def forward_ad_active() -> bool:
     """Whether a ``torch.autograd.forward_ad`` level is open: dual tensors may flow, and the
     per-tensor kernel is the one that carries their tangents exactly."""
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
@@ -130,7 +138,7 @@ def plan(
         >>> plan(small).name, plan([t.detach() for t in small]).name
         ('PER_TENSOR', 'FOREACH')
     """
-    if len(tensors) < 2 or under_transform() or _forward_ad_active():
+    if len(tensors) < 2 or under_transform() or forward_ad_active():
         return Plan.PER_TENSOR
     if records(tensors):
         if rule is not None and _flat_pays(rule, tensors, grads):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from .._execution import forward_ad_active
 from ._tensor_list import TensorList, is_number
 
 __all__ = ["TORCH", "HIGHER", "ARITHMETICS", "arithmetic", "safe_sqrt"]
@@ -193,11 +194,6 @@ def is_zero(value: Any) -> bool:
 def is_traced(t: Tensor) -> bool:
     """Whether ``t`` lives inside ``torch.compile`` or a ``torch.func`` transform."""
     return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def forward_ad_active() -> bool:
-    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may flow)."""
-    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _has_tangent(t: Tensor) -> bool:
