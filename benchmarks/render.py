@@ -235,10 +235,12 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         out += [f"### Workload {key}: {info['title']}", ""]
         if key in runs:
             run = runs[key]
+            load = run["load_average_at_start"]
+            loaded = bool(load) and load[0] > 1.0  # more than one core's worth of other work
+            note = " (a loaded machine: trust the ratios, not the seconds)" if loaded else ""
             out += [
                 f"_Re-measured {run['date_utc']}, {run['mode']} run, load average at start "
-                f"{run['load_average_at_start']} (a loaded machine: trust the ratios, not the "
-                "seconds)._",
+                f"{load}{note}._",
                 "",
             ]
         out += [_markdown_table(CASE_HEADER, _case_rows(report, key)), ""]
