@@ -13,20 +13,15 @@ masks) run as a per-task loop (``batching=``, :class:`BatchingError`).
 :func:`hypergradient_forward` gives hypergradients by forward mode (memory flat in steps).
 """
 
+from ._batched import batched_meta_loss
 from ._batching import BatchingError
 from ._compile import CompileError, compiled, compiled_innerloop
 from ._forward import hypergradient_forward
-from ._inner_loop import (
-    FunctionalModel,
-    InnerLoop,
-    MetaObjective,
-    OptimizerRule,
-    batched_meta_loss,
-    inner_loop,
-    meta_loss,
-    rule_from_optimizer,
-)
+from ._functional_model import FunctionalModel
+from ._inner_loop import InnerLoop, inner_loop, meta_loss
+from ._meta_objective import MetaObjective
 from ._norm import exact_norms
+from ._optimizer_rule import OptimizerRule, rule_from_optimizer
 
 __all__ = [
     "BatchingError",
