@@ -17,6 +17,11 @@ __all__ = ["FunctionalModel"]
 class FunctionalModel:
     """An ``nn.Module`` as a pure function ``f(params, buffers, *inputs)``.
 
+    Not to be confused with :class:`higher_func.patch.FunctionalModule` (what
+    ``monkeypatch``/``innerloop_ctx`` give): that one keeps fast weights and their history
+    and is called like the model; this one keeps no state and takes the weights on every
+    call, for :func:`inner_loop`, :func:`batched_meta_loss` and ``torch.compile``.
+
     The module runs through ``torch.func.functional_call`` with the given tensors in place
     of its parameters and buffers; the module itself is never modified.  Parameters or
     buffers left out of the dicts are taken from the module (frozen).  Batch, layer and

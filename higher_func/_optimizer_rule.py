@@ -64,6 +64,11 @@ def rule_from_optimizer(
 ) -> tuple[OptimizerRule, tuple[Any, ...]]:
     """The pure rule equal to ``optimizer`` over ``model``'s parameters, and its state.
 
+    Not to be confused with :func:`higher_func.optim.from_torch_optimizer`, which gives one
+    rule per parameter group (each over its own parameters) to combine yourself; this wraps
+    all the groups into one :class:`OptimizerRule` over the model's whole parameter dict,
+    ready for :func:`inner_loop` (it is built on ``from_torch_optimizer``).
+
     Args:
         optimizer: a ``torch.optim`` optimizer over (some of) ``model``'s parameters; any
             state it has (momentum buffers, moments, step counts) is imported, detached,

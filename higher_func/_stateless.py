@@ -364,6 +364,11 @@ class FunctionalSubmodule(_StatelessBase):
 class FunctionalModule(_StatelessBase):
     """A stateless version of an ``nn.Module`` holding a history of fast weights.
 
+    Not to be confused with :class:`higher_func.func.FunctionalModel`: this is higher's
+    drop-in object (called like the model, it keeps the fast weights and their history, for
+    ``innerloop_ctx`` code); ``FunctionalModel`` keeps nothing and takes the weights on every
+    call, ``f(params, buffers, *inputs)``, for the pure, ``vmap``-able and compiled loops.
+
     Made by :func:`monkeypatch` (or :func:`make_functional`). It behaves like the model:
     ``fmodel(x)`` runs the model's ``forward`` with the latest fast weights, the model's own
     methods and attributes are reachable (``fmodel.encode(x)``, ``fmodel.hidden_size``),
