@@ -27,6 +27,7 @@ where no second derivative is taken.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import optree
@@ -35,6 +36,7 @@ from torch import nn
 
 __all__ = [
     "is_double_backward_attention_enabled",
+    "any_may_attend",
     "may_attend",
     "second_order_attention",
     "set_double_backward_attention",
@@ -174,7 +176,12 @@ def may_attend(module: nn.Module) -> bool:
         >>> may_attend(nn.TransformerEncoderLayer(4, 2))
         True
     """
-    for sub in module.modules():
+    return any_may_attend(module.modules())
+
+
+def any_may_attend(modules: Iterable[nn.Module]) -> bool:
+    """:func:`may_attend` over submodules already listed (no second walk of the model)."""
+    for sub in modules:
         if isinstance(sub, nn.MultiheadAttention) or not type(sub).__module__.startswith(
             "torch.nn."
         ):

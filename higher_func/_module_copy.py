@@ -104,23 +104,23 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(module, memo)
     clone = cls.__new__(cls)
     memo[id(module)] = clone
-    state: dict[str, Any] = {}
+    state = module.__dict__.copy()  # immutable values stay shared; the loop replaces the rest
+    state.pop("_compiled_call_impl", None)  # torch.compile's wrapper is not copied
     for key, value in module.__dict__.items():
         kind = type(value)
-        if kind in _ATOMIC:
-            if key != "_compiled_call_impl":
-                state[key] = value
+        if kind in _ATOMIC or key == "_compiled_call_impl":
+            continue
+        if not value and kind in _EMPTY_COPIES:
+            state[key] = kind()  # most hook dicts: an empty container, copied cheaply
         elif key == "_modules":
             state[key] = kind(
-                (name, None if child is None else _copy_module(child, memo))
-                for name, child in value.items()
+                {
+                    name: None if child is None else _copy_module(child, memo)
+                    for name, child in value.items()
+                }
             )
-        elif not value and kind in _EMPTY_COPIES:
-            state[key] = kind()  # most hook dicts: an empty container, copied cheaply
-        elif key == "_compiled_call_impl":
-            continue
         elif isinstance(value, dict) and (key in _TENSOR_DICTS or "hook" in key):
-            state[key] = kind((k, _copy_entry(v, memo)) for k, v in value.items())
+            state[key] = kind({k: _copy_entry(v, memo) for k, v in value.items()})
         else:
             state[key] = copy.deepcopy(value, memo)
     if cls.__setstate__ is nn.Module.__setstate__:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._attention import any_may_attend
 from ._dropin_checks import warn_parameters_in_plain_containers
 from ._layout import _Layout
 from ._module_copy import _copy_structure, _occurrences, _to, _walk
@@ -80,7 +81,7 @@ def _check_has_data(name: str, tensor: Tensor, device: torch.device | None) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# Copying the structure.
+# Building an fmodel: the weights, a copy of the structure, the slot table.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -104,13 +105,16 @@ def _build(
     private = _copy_structure(module, memo, walk)
     try:
         layout = _Layout(module, copies=memo, walk=walk)  # the original's walk, on the copy
+        copies = [memo[id(submodule)] for _, submodule in walk]
     except KeyError:  # a class whose own __deepcopy__ bypasses the memo: walk the copy
         layout = _Layout(private)
-    return FunctionalModule._wrap(private, _Core(private, track, layout))
+        copies = list(private.modules())
+    attends = any_may_attend(copies)
+    return FunctionalModule._wrap(private, _Core(private, track, layout, attends))
 
 
 # ---------------------------------------------------------------------------------------------
-# The history of fast weights, shared by an fmodel and its submodule views.
+# The functions higher's users call.
 # ---------------------------------------------------------------------------------------------
 
 

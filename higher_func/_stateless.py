@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
-from ._attention import may_attend, second_order_attention
+from ._attention import second_order_attention
 from ._layout import _call_with, _check_tensor, _Layout, _values_from
 from ._module_copy import _seed_hooks, _snapshot
 
@@ -28,7 +28,7 @@ DeviceLike = torch.device | str | int | None
 class _Core:
     """State shared by an fmodel and its submodule views: the copy, layout and history."""
 
-    def __init__(self, module: nn.Module, track: bool, layout: _Layout) -> None:
+    def __init__(self, module: nn.Module, track: bool, layout: _Layout, attends: bool) -> None:
         self.module = module
         self.layout = layout
         initial: dict[int, Tensor] = {}
@@ -37,12 +37,11 @@ class _Core:
         self.history: list[list[Tensor]] = [[initial[i] for i in range(len(initial))]]
         self.track = track
         # Tracking forwards need attention with a double backward (see _attention.py).
-        self.attends = may_attend(module)
+        self.attends = attends
         # Weak, so that views (which hold the core) form no reference cycle with it: an
         # fmodel is then freed as soon as it is dropped, without waiting for the collector.
-        self.views: weakref.WeakValueDictionary[str, FunctionalSubmodule] = (
-            weakref.WeakValueDictionary()
-        )
+        # Made on the first view: most inner loops never ask for one.
+        self.views: weakref.WeakValueDictionary[str, FunctionalSubmodule] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Views are rebuilt on demand, so copies and pickles leave them out.
@@ -50,7 +49,7 @@ class _Core:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.views = weakref.WeakValueDictionary()
+        self.views = None
 
     def record(self, values: list[Tensor]) -> None:
         if self.track:
@@ -81,7 +80,7 @@ class _Core:
 
 # ---------------------------------------------------------------------------------------------
 # The public classes.
-
+# ---------------------------------------------------------------------------------------------
 
 _STRUCTURE_ERROR = (
     "cannot assign {what} '{name}' to a functional module: its set of parameters is fixed "
@@ -250,6 +249,8 @@ class _StatelessBase(nn.Module):
     def _view(self, name: str) -> FunctionalSubmodule:
         core = self._core
         prefix = self._prefix + name + "."
+        if core.views is None:
+            core.views = weakref.WeakValueDictionary()
         view = core.views.get(prefix)
         if view is None:
             child = self._sub._modules[name]
@@ -473,8 +474,3 @@ class FunctionalModule(_StatelessBase):
         if value != core.track:
             core.history = [core.history[-1]]
             core.track = value
-
-
-# ---------------------------------------------------------------------------------------------
-# The functions higher's users call.
-# ---------------------------------------------------------------------------------------------
