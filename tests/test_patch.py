@@ -717,6 +717,19 @@ def test_regression_deepcopy_gives_an_independent_detached_snapshot() -> None:
     assert restored.fc(torch.ones(1, 48, dtype=torch.float64)).shape == (1, 2)
 
 
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+def test_submodule_views_are_kept_per_fmodel_and_rebuilt_in_copies(copier: Any) -> None:
+    """Views are made on first access (and then reused); a copy gets views of its own."""
+    fmodel = monkeypatch(ConvBN().double())
+    view = fmodel.fc
+    assert fmodel.fc is view
+    clone = copier(fmodel)
+    assert clone.fc is not view and clone.fc is clone.fc
+    clone.fc.bias = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(clone.fast_params[-1], torch.zeros(2, dtype=torch.float64))
+    assert not torch.equal(view.bias, clone.fc.bias)
+
+
 def test_make_functional_buffer_sync_and_get_func_params_as_higher_users_call_them() -> None:
     model = ConvBN().double().train()
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
