@@ -718,7 +718,9 @@ def test_regression_deepcopy_gives_an_independent_detached_snapshot() -> None:
 
 
 @pytest.mark.parametrize("copier", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
-def test_submodule_views_are_kept_per_fmodel_and_rebuilt_in_copies(copier: Any) -> None:
+def test_submodule_views_are_kept_per_fmodel_and_rebuilt_in_copies(
+    copier: Callable[[FunctionalModule], FunctionalModule],
+) -> None:
     """Views are made on first access (and then reused); a copy gets views of its own."""
     fmodel = monkeypatch(ConvBN().double())
     view = fmodel.fc
