@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "is_double_backward_attention_enabled",
     "any_may_attend",
+    "is_double_backward_attention_enabled",
     "may_attend",
     "second_order_attention",
     "set_double_backward_attention",

@@ -2,8 +2,8 @@
 
 Both wrap a (sub)module of the fmodel's private copy whose parameter slots hold the latest
 fast weights; a :class:`_Core` shared by the fmodel and its views holds the copy, its
-:class:`_Layout` and the history of fast weights.  No class is created
-or patched at run time.
+:class:`_Layout` and the history of fast weights.  No class is created or patched at run
+time.
 """
 
 from __future__ import annotations
