@@ -163,7 +163,11 @@ def run_workload(
         log(f"    {impl.key}: first iteration {first:.3f} s")
     for key, values in checks.items():
         if checks.get(reference):
-            cases[key].extra_info["deviation_from_reference"] = deviation(values, checks[reference])
+            value = deviation(values, checks[reference])
+            # a nan meta-gradient's deviation is saved as "nan": JSON has no such float
+            cases[key].extra_info["deviation_from_reference"] = (
+                value if math.isfinite(value) else str(value)
+            )
 
     keys, start = list(runners), time.perf_counter()
     for r in range(rounds):

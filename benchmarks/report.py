@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pytest_benchmark import __version__ as pytest_benchmark_version
@@ -48,96 +48,57 @@ ROOT = HERE.parent
 DEFAULT_JSON = HERE / "results" / "latest.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "performance.md"
 
-#: Per preset: timed rounds per workload family, seconds of timing after which a workload
-#: stops adding rounds (at least 3 are kept), whether compiled paths run by default, the
-#: default workloads ("" for all) and seconds after which no further workload starts.
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "rounds": {"maml": 3, "hyper": 5, "setup": 5, "memory": 1},
-        "budget_s": 20.0,
-        "compile": False,
-        "workloads": "",
-        "time_limit_s": math.inf,
-    },
-    "full": {
-        "rounds": {"maml": 9, "hyper": 15, "setup": 15, "memory": 1},
-        "budget_s": 90.0,
-        "compile": True,
-        "workloads": "",
-        "time_limit_s": math.inf,
-    },
-    # A short subset for a lent GPU machine (ten minutes at most): the sinusoid and the
-    # large models with every inner optimizer, the memory workload; no compiling.
-    "gpu": {
-        "rounds": {"maml": 5, "hyper": 5, "setup": 5, "memory": 1},
-        "budget_s": 15.0,
-        "compile": False,
-        "workloads": "1,2,2b,3a,4,7,7m,7a,8,8m,8a,9,9m,9a,6",
-        "time_limit_s": 420.0,
-    },
+
+class Preset(NamedTuple):
+    rounds: dict[str, int]  # timed rounds per workload family
+    budget_s: float  # seconds of timing after which a workload adds no round (3 are kept)
+    compile: bool  # whether the compiled paths run unless --compile/--no-compile says
+    workloads: str = ""  # the default --workloads ("": all)
+    time_limit_s: float = math.inf  # no workload starts after this many seconds
+
+
+PRESETS = {
+    "quick": Preset({"maml": 3, "hyper": 5, "setup": 5, "memory": 1}, 20.0, False),
+    "full": Preset({"maml": 9, "hyper": 15, "setup": 15, "memory": 1}, 90.0, True),
+    # For a lent GPU machine, ten minutes at most: the sinusoid, the large models with every
+    # inner optimizer and the memory workload, uncompiled.
+    "gpu": Preset(
+        {"maml": 5, "hyper": 5, "setup": 5, "memory": 1},
+        15.0,
+        False,
+        "1,2,2b,3a,4,7,7m,7a,8,8m,8a,9,9m,9a,6",
+        420.0,
+    ),
 }
+
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--preset", {"choices": sorted(PRESETS), "default": "full"}),
+    ("--quick", {"action": "store_true", "help": "the same as --preset quick"}),
+    ("--device", {"default": "cpu", "help": "cpu (default) or cuda"}),
+    ("--workloads", {"default": "", "help": "comma-separated keys (default: the preset's)"}),
+    ("--implementations", {"default": "", "help": "comma-separated keys (default: all)"}),
+    ("--rounds", {"type": int, "default": 0, "help": "timed rounds (default: the preset's)"}),
+    ("--compile", {"action": argparse.BooleanOptionalAction, "help": "the compiled paths"}),
+    ("--compile-conv", {"action": "store_true", "help": "compile workload 3 too (> 10 min)"}),
+    ("--threads", {"type": int, "default": 1, "help": "torch threads (0: torch's default)"}),
+    ("--memory-steps", {"default": "5,20,50", "help": "inner steps of workload 6"}),
+    ("--before", {"default": "", "metavar": "REV", "help": "also the drop-in at git REV"}),
+    ("--warm-compile-cache", {"action": "store_true", "help": "keep inductor's disk cache"}),
+    ("--merge-into", {"type": Path, "metavar": "JSON", "help": "merge into this report"}),
+    ("--json", {"type": Path, "default": DEFAULT_JSON}),
+    ("--markdown", {"type": Path, "default": DEFAULT_MARKDOWN}),
+    ("--no-docs", {"action": "store_true", "help": "do not write --markdown"}),
+    ("--render-only", {"action": "store_true", "help": "render --json, run nothing"}),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``OPTIONS``; the README explains each)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--workloads", default="", help="comma-separated keys (default: all)")
-    parser.add_argument("--implementations", default="", help="comma-separated keys (default: all)")
-    parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default: by preset)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the compiled paths (default: only in the full preset)",
-    )
-    parser.add_argument(
-        "--compile-conv",
-        action="store_true",
-        help="also compile the conv workload 3 (more than 10 minutes on a 2-core CPU)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a busy machine more threads contend and "
-        "inflate times up to 10x; 0 keeps torch's default)",
-    )
-    parser.add_argument("--memory-steps", default="5,20,50", help="inner steps for workload 6")
-    parser.add_argument(
-        "--before",
-        default="",
-        metavar="REV",
-        help="also run the drop-in code on higher_func at git revision REV, interleaved in "
-        "the same rounds (a before/after comparison of a change)",
-    )
-    parser.add_argument(
-        "--warm-compile-cache",
-        action="store_true",
-        help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
-        "are cold)",
-    )
-    parser.add_argument(
-        "--merge-into",
-        type=Path,
-        default=None,
-        metavar="JSON",
-        help="merge this run's workloads (with --render-only: those of --json) into an "
-        "earlier report, replacing those re-measured, each marked with its own run's date "
-        "and load; render and save the merge",
-    )
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
-    parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
-    parser.add_argument(
-        "--render-only",
-        action="store_true",
-        help="run nothing: render the --json file into the tables and --markdown",
-    )
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.preset = "quick"
+    args.preset = "quick" if args.quick else args.preset
     return args
 
 
@@ -216,7 +177,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the selected workloads; the report in pytest-benchmark's JSON layout."""
     preset = PRESETS[args.preset]
-    compile_paths = preset["compile"] if args.compile is None else args.compile
+    compile_paths = preset.compile if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     implementations.COMPILE_CONV = args.compile_conv
@@ -233,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         implementations.add_revision(args.before, ROOT)
     suite = workloads.suite(args.device, tuple(memory_steps))
     available = sorted({w.key.split("-")[0] for w in suite})
-    keys = _selected(args.workloads or preset["workloads"], available, "workloads")
+    keys = _selected(args.workloads or preset.workloads, available, "workloads")
     suite = [w for w in suite if w.key.split("-")[0] in keys]
     all_impls = [i.key for i in implementations.IMPLEMENTATIONS]
     chosen = _selected(args.implementations, all_impls, "implementations")
@@ -251,19 +212,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         print(f"[{elapsed:6.0f} s] workload {workload.key}: {workload.problem.title}", flush=True)
         run_impls = [i for i in impls if compile_paths or not i.compiled]
-        if elapsed > preset["time_limit_s"]:
+        if elapsed > preset.time_limit_s:
             run_impls, why = [], f"the {args.preset} preset's time limit "
-            why += f"({preset['time_limit_s']:.0f} s) was reached before this workload"
+            why += f"({preset.time_limit_s:.0f} s) was reached before this workload"
         else:
             why = "compiled paths are skipped without --compile (compiling takes 30-140 s "
             why += "each on a 2-core CPU)"
         cases = harness.run_workload(
             workload,
             run_impls,
-            rounds=args.rounds or preset["rounds"][workload.family],
+            rounds=args.rounds or preset.rounds[workload.family],
             device=args.device,
             reference=implementations.REFERENCE,
-            budget_s=preset["budget_s"],
+            budget_s=preset.budget_s,
         )
         for impl in impls:
             case = cases.get(impl.key) or harness.Case(impl.key, "skipped", why)
@@ -275,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 not_run.append(entry | {"status": case.status, "message": message})
 
     settings = {
-        "rounds": dict(preset["rounds"]),
+        "rounds": dict(preset.rounds),
         "rounds_override": args.rounds or None,
         "compile": compile_paths,
         "memory_steps": memory_steps,
@@ -343,20 +304,9 @@ def merged(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with non-finite floats as strings (``"nan"``), which JSON cannot hold."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _save(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
+    path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     print(f"saved {path}")
 
 
