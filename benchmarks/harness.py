@@ -1,8 +1,9 @@
 """Measuring what the libraries do not: interleaved rounds, peak memory, agreement.
 
-One timed call is ``torch.utils.benchmark.Timer(...).timeit(1)`` (it synchronizes an
-accelerator around the call); the statistics of a case's rounds are pytest-benchmark's
-``Stats`` (median, quartiles, outliers), so a saved report is a pytest-benchmark JSON file.
+One call is timed with ``torch.utils.benchmark``'s clock, which synchronizes an accelerator
+(its ``Timer`` would add two untimed warm-up calls to each); the statistics of a case's
+rounds are pytest-benchmark's ``Stats`` (median, quartiles, outliers), so a saved report
+is a pytest-benchmark JSON file.
 
 Timing interleaves implementations round by round (round ``r`` times every implementation
 once, starting from a rotating position, every other round in reverse order), so slow
@@ -36,7 +37,7 @@ import torch
 from implementations import Implementation, Runner, Unavailable
 from pytest_benchmark.stats import Stats
 from torch import Tensor
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark.utils.timer import timer as clock  # synchronizes accelerators
 from workloads import Workload
 
 
@@ -53,13 +54,10 @@ class Case:
 
 
 def seconds(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call of ``fn`` (accelerators synchronized)."""
-    # timeit switches the garbage collector off while it times; "gc.enable()" in the set-up
-    # (run after that, before the clock starts) keeps its cost in, as in a user's loop.
-    timer = Timer(
-        "fn()", "gc.enable()", globals={"fn": fn, "gc": gc}, num_threads=torch.get_num_threads()
-    )
-    return timer.timeit(1).times[0]
+    """Wall-clock seconds of one call of ``fn`` (an accelerator synchronized before and after)."""
+    start = clock()
+    fn()
+    return clock() - start
 
 
 # --------------------------------------------------------------------------- memory

@@ -273,7 +273,7 @@ def _benchmark_entry(workload: workloads.Workload, case: harness.Case) -> dict[s
         "params": {"workload": workload.key, "implementation": case.implementation},
         "param": f"{workload.key}-{case.implementation}",
         "extra_info": case.extra_info,
-        "options": {"timer": "torch.utils.benchmark.Timer", "interleaved": True},
+        "options": {"timer": "torch.utils.benchmark.utils.timer.timer", "interleaved": True},
         "stats": case.stats.as_dict() | {"data": case.stats.data, "iterations": 1},
     }
 
