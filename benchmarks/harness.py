@@ -159,13 +159,12 @@ def run_workload(
         info |= {"compiled": runner.compiled, "notes": runner.notes}
         cases[impl.key] = Case(impl.key, extra_info=info)
         log(f"    {impl.key}: first iteration {first:.3f} s")
-    for key, values in checks.items():
-        if checks.get(reference):
-            value = deviation(values, checks[reference])
-            # a nan meta-gradient's deviation is saved as "nan": JSON has no such float
-            cases[key].extra_info["deviation_from_reference"] = (
-                value if math.isfinite(value) else str(value)
-            )
+    for key, values in checks.items() if checks.get(reference) else ():
+        value = deviation(values, checks[reference])
+        # a nan meta-gradient's deviation is saved as "nan": JSON has no such float
+        cases[key].extra_info["deviation_from_reference"] = (
+            value if math.isfinite(value) else str(value)
+        )
 
     keys, start = list(runners), time.perf_counter()
     for r in range(rounds):
