@@ -64,7 +64,7 @@ def run_case(
         except implementations.Unavailable as error:
             pytest.skip(f"{implementation_key}: {error}")
         device = config.getoption("--bench-device")
-        first, _ = harness._timed(runner.iteration, device)
+        first = harness.seconds(runner.iteration)
         benchmark.group = f"workload {workload_key}: {workload.problem.title}"
         benchmark.extra_info["first_iteration_s"] = first
         benchmark.extra_info["peak_bytes"] = harness.peak_memory(runner.iteration, device)
@@ -73,7 +73,8 @@ def run_case(
 
         def iteration() -> None:
             runner.iteration()
-            harness.synchronize(device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
 
         benchmark.pedantic(iteration, rounds=rounds, iterations=1, warmup_rounds=0)
 

@@ -1,4 +1,9 @@
-"""Measuring: median seconds per iteration, peak memory, and agreement between implementations.
+"""Measuring what the libraries do not: interleaved rounds, peak memory, agreement.
+
+One call is timed with ``torch.utils.benchmark``'s clock, which synchronizes an accelerator
+(its ``Timer`` would add two untimed warm-up calls to each); the statistics of a case's
+rounds are pytest-benchmark's ``Stats`` (median, quartiles, outliers), so a saved report
+is a pytest-benchmark JSON file.
 
 Timing interleaves implementations round by round (round ``r`` times every implementation
 once, starting from a rotating position, every other round in reverse order), so slow
@@ -22,7 +27,6 @@ import contextlib
 import ctypes
 import gc
 import math
-import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,61 +35,29 @@ from typing import Any
 
 import torch
 from implementations import Implementation, Runner, Unavailable
+from pytest_benchmark.stats import Stats
 from torch import Tensor
+from torch.utils.benchmark.utils.timer import timer as clock  # synchronizes accelerators
 from workloads import Workload
 
 
 @dataclass
-class CaseResult:
-    """One implementation on one workload."""
+class Case:
+    """One implementation on one workload: timed rounds and what else was measured."""
 
     implementation: str
-    status: str  # "ok", "skipped" or "failed"
+    status: str = "ok"  # "ok", "skipped" or "failed"
     message: str = ""
-    times: list[float] = field(default_factory=list)
-    first_iteration_s: float | None = None
-    second_iteration_s: float | None = None
-    peak_bytes: int | None = None
-    meta_loss: float | None = None
-    deviation: float | None = None
-    compiled: bool = False
-    notes: str = ""
-
-    @property
-    def median_s(self) -> float | None:
-        return statistics.median(self.times) if self.times else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "implementation": self.implementation,
-            "status": self.status,
-            "message": self.message,
-            "median_s": self.median_s,
-            "times_s": self.times,
-            "first_iteration_s": self.first_iteration_s,
-            "second_iteration_s": self.second_iteration_s,
-            "peak_bytes": self.peak_bytes,
-            "meta_loss": self.meta_loss,
-            "deviation_from_reference": self.deviation,
-            "compiled": self.compiled,
-            "notes": self.notes,
-        }
+    stats: Stats = field(default_factory=Stats)
+    #: first_iteration_s, second_iteration_s, peak_bytes, deviation_from_reference, ...
+    extra_info: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call of ``fn`` (an accelerator synchronized before and after)."""
+    start = clock()
+    fn()
+    return clock() - start
 
 
 # --------------------------------------------------------------------------- memory
@@ -121,15 +93,11 @@ def _can_reset_high_water() -> bool:
     return True
 
 
-def _trim_heap() -> None:
+def peak_memory(fn: Callable[[], Any], device: str) -> int | None:
+    """Bytes by which memory grows at its peak while ``fn()`` runs (``None`` if unmeasurable)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def peak_memory(fn: Callable[[], Any], device: str) -> int | None:
-    """Bytes by which memory grows at its peak while ``fn()`` runs (``None`` if unmeasurable)."""
-    _trim_heap()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -168,60 +136,37 @@ def run_workload(
     device: str,
     reference: str,
     budget_s: float = math.inf,
-    measure_memory: bool = True,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
-) -> dict[str, CaseResult]:
-    """Every implementation on ``workload``: warm-up, agreement, interleaved timing, memory."""
-    results: dict[str, CaseResult] = {}
+) -> dict[str, Case]:
+    """Every implementation on ``workload``: warm-up, agreement, interleaved rounds, memory."""
+    cases: dict[str, Case] = {}
     runners: dict[str, Runner] = {}
+    checks: dict[str, list[Tensor]] = {}
     for impl in implementations:
         try:
             runner = impl.build(workload)
+            first = seconds(runner.iteration)
+            checks[impl.key] = [t.detach().cpu() for t in runner.check_values()]
+            second = seconds(runner.iteration) if runner.compiled else None
         except Unavailable as error:
-            results[impl.key] = CaseResult(impl.key, "skipped", str(error))
+            cases[impl.key] = Case(impl.key, "skipped", str(error))
             continue
         except Exception as error:
-            results[impl.key] = _failure(impl.key, "set-up", error)
+            cases[impl.key] = _failure(impl.key, "set-up or first iteration", error)
             continue
-        results[impl.key] = CaseResult(impl.key, "ok", compiled=runner.compiled, notes=runner.notes)
         runners[impl.key] = runner
+        info = {"first_iteration_s": first, "second_iteration_s": second}
+        info |= {"compiled": runner.compiled, "notes": runner.notes}
+        cases[impl.key] = Case(impl.key, extra_info=info)
+        log(f"    {impl.key}: first iteration {first:.3f} s")
+    for key, values in checks.items() if checks.get(reference) else ():
+        value = deviation(values, checks[reference])
+        # a nan meta-gradient's deviation is saved as "nan": JSON has no such float
+        cases[key].extra_info["deviation_from_reference"] = (
+            value if math.isfinite(value) else str(value)
+        )
 
-    checks: dict[str, list[Tensor]] = {}
-    for key, runner in list(runners.items()):
-        try:
-            first, loss = _timed(runner.iteration, device)
-            checks[key] = [t.detach().cpu() for t in runner.check_values()]
-            second = _timed(runner.iteration, device)[0] if runner.compiled else None
-        except Exception as error:
-            results[key] = _failure(key, "first iteration", error)
-            del runners[key]
-            continue
-        results[key].first_iteration_s = first
-        results[key].second_iteration_s = second
-        if isinstance(loss, Tensor):
-            results[key].meta_loss = float(loss)
-        log(f"    {key}: first iteration {first:.3f} s")
-    if checks.get(reference):
-        for key, values in checks.items():
-            results[key].deviation = deviation(values, checks[reference])
-
-    if workload.measures_time:
-        _interleaved_timing(runners, results, rounds, budget_s, device)
-    if measure_memory:
-        for key, runner in runners.items():
-            results[key].peak_bytes = peak_memory(runner.iteration, device)
-    return results
-
-
-def _interleaved_timing(
-    runners: dict[str, Runner],
-    results: dict[str, CaseResult],
-    rounds: int,
-    budget_s: float,
-    device: str,
-) -> None:
-    keys = list(runners)
-    start = time.perf_counter()
+    keys, start = list(runners), time.perf_counter()
     for r in range(rounds):
         # A rotating start, and every other round in reverse: an implementation follows a
         # different one from round to round (in a fixed order, the one that always ran
@@ -229,19 +174,21 @@ def _interleaved_timing(
         # faster than the twin; alternating the order, the two were within 2%).
         order = [keys[(r + offset) % len(keys)] for offset in range(len(keys))]
         for key in order[::-1] if r % 2 else order:
-            if key not in runners:
-                continue
-            try:
-                results[key].times.append(_timed(runners[key].iteration, device)[0])
-            except Exception as error:
-                results[key] = _failure(key, f"round {r}", error)
-                del runners[key]
+            if key in runners:
+                try:
+                    cases[key].stats.update(seconds(runners[key].iteration))
+                except Exception as error:
+                    cases[key] = _failure(key, f"round {r}", error)
+                    del runners[key]
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
+    for key, runner in runners.items():
+        cases[key].extra_info["peak_bytes"] = peak_memory(runner.iteration, device)
+    return cases
 
 
-def _failure(key: str, stage: str, error: Exception) -> CaseResult:
+def _failure(key: str, stage: str, error: Exception) -> Case:
     last = traceback.extract_tb(error.__traceback__)[-1]
     where = f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
     message = f"failed at {stage}: {type(error).__name__}: {error} ({where})"
-    return CaseResult(key, "failed", message.replace("\n", " ")[:400])
+    return Case(key, "failed", message.replace("\n", " ")[:400])

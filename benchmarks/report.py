@@ -1,15 +1,15 @@
 """Run every workload through every implementation in ONE run and report side by side.
 
-Prints one table (median seconds per iteration, speed ratio to higher, ratio to the
-hand-written torch.func loop, peak memory, agreement of meta-gradients), checks the
-project's performance targets, saves everything as JSON and renders
-``docs/performance.md`` (with a bar chart when matplotlib is installed).
+Prints one table per workload (median seconds per iteration, speed ratio to higher, ratio
+to the hand-written torch.func loop, peak memory, agreement of meta-gradients), checks the
+project's performance targets, saves everything as a pytest-benchmark JSON file (so
+``pytest-benchmark compare`` reads it) and renders ``docs/performance.md`` with a chart.
 
 Usage (from the repository root)::
 
-    python benchmarks/report.py --quick          # about 3 minutes: few rounds, no compiling
-    python benchmarks/report.py                  # the full run, compiled paths included
-    python benchmarks/report.py --device cuda    # on a GPU
+    python benchmarks/report.py --quick                      # a few minutes, no compiling
+    python benchmarks/report.py                              # the full run
+    python benchmarks/report.py --preset gpu --device cuda   # a short subset on a GPU
     python benchmarks/report.py --workloads 1,3 --implementations higher,"torch.func loop"
 
 A speed claim counts only when measured beside the alternative in the same run on the same
@@ -24,15 +24,17 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from pytest_benchmark import __version__ as pytest_benchmark_version
+from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info
+from pytest_benchmark.utils import get_commit_info
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -46,107 +48,74 @@ ROOT = HERE.parent
 DEFAULT_JSON = HERE / "results" / "latest.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "performance.md"
 
-#: rounds per workload family: (quick, full)
-ROUNDS = {"maml": (3, 9), "hyper": (5, 15), "setup": (5, 15), "memory": (1, 1)}
-#: seconds of timing after which a workload stops adding rounds (at least 3 are kept)
-BUDGET_S = {"quick": 20.0, "full": 90.0}
+
+class Preset(NamedTuple):
+    rounds: dict[str, int]  # timed rounds per workload family
+    budget_s: float  # seconds of timing after which a workload adds no round (3 are kept)
+    compile: bool  # whether the compiled paths run unless --compile/--no-compile says
+    workloads: str = ""  # the default --workloads ("": all)
+    time_limit_s: float = math.inf  # no workload starts after this many seconds
+
+
+PRESETS = {
+    "quick": Preset({"maml": 3, "hyper": 5, "setup": 5, "memory": 1}, 20.0, False),
+    "full": Preset({"maml": 9, "hyper": 15, "setup": 15, "memory": 1}, 90.0, True),
+    # For a lent GPU machine, ten minutes at most: the sinusoid, the large models with every
+    # inner optimizer and the memory workload, uncompiled.
+    "gpu": Preset(
+        {"maml": 5, "hyper": 5, "setup": 5, "memory": 1},
+        15.0,
+        False,
+        "1,2,2b,3a,4,7,7m,7a,8,8m,8a,9,9m,9a,6",
+        420.0,
+    ),
+}
+
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--preset", {"choices": sorted(PRESETS), "default": "full"}),
+    ("--quick", {"action": "store_true", "help": "the same as --preset quick"}),
+    ("--device", {"default": "cpu", "help": "cpu (default) or cuda"}),
+    ("--workloads", {"default": "", "help": "comma-separated keys (default: the preset's)"}),
+    ("--implementations", {"default": "", "help": "comma-separated keys (default: all)"}),
+    ("--rounds", {"type": int, "default": 0, "help": "timed rounds (default: the preset's)"}),
+    ("--compile", {"action": argparse.BooleanOptionalAction, "help": "the compiled paths"}),
+    ("--compile-conv", {"action": "store_true", "help": "compile workload 3 too (> 10 min)"}),
+    ("--threads", {"type": int, "default": 1, "help": "torch threads (0: torch's default)"}),
+    ("--memory-steps", {"default": "5,20,50", "help": "inner steps of workload 6"}),
+    ("--before", {"default": "", "metavar": "REV", "help": "also the drop-in at git REV"}),
+    ("--warm-compile-cache", {"action": "store_true", "help": "keep inductor's disk cache"}),
+    ("--merge-into", {"type": Path, "metavar": "JSON", "help": "merge into this report"}),
+    ("--json", {"type": Path, "default": DEFAULT_JSON}),
+    ("--markdown", {"type": Path, "default": DEFAULT_MARKDOWN}),
+    ("--no-docs", {"action": "store_true", "help": "do not write --markdown"}),
+    ("--render-only", {"action": "store_true", "help": "render --json, run nothing"}),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``OPTIONS``; the README explains each)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, no compiled paths")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--workloads", default="", help="comma-separated keys (default: all)")
-    parser.add_argument("--implementations", default="", help="comma-separated keys (default: all)")
-    parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default: by mode)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the compiled paths (default: yes, except with --quick)",
-    )
-    parser.add_argument(
-        "--compile-conv",
-        action="store_true",
-        help="also compile the conv workload 3 (more than 10 minutes on a 2-core CPU)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a busy machine more threads contend and "
-        "inflate times up to 10x; 0 keeps torch's default)",
-    )
-    parser.add_argument("--memory-steps", default="5,20,50", help="inner steps for workload 6")
-    parser.add_argument(
-        "--before",
-        default="",
-        metavar="REV",
-        help="also run the drop-in code on higher_func at git revision REV, interleaved in "
-        "the same rounds (a before/after comparison of a change)",
-    )
-    parser.add_argument(
-        "--warm-compile-cache",
-        action="store_true",
-        help="keep torch inductor's on-disk cache (default: a fresh one, so compile times "
-        "are cold)",
-    )
-    parser.add_argument(
-        "--merge-into",
-        type=Path,
-        default=None,
-        metavar="JSON",
-        help="merge this run's workloads (with --render-only: those of --json) into an "
-        "earlier report, replacing those re-measured, each marked with its own run's date "
-        "and load; render and save the merge",
-    )
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
-    parser.add_argument("--no-docs", action="store_true", help="do not write docs/performance.md")
-    parser.add_argument(
-        "--render-only",
-        action="store_true",
-        help="run nothing: render the --json file into the tables and --markdown",
-    )
-    return parser.parse_args(argv)
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
+    args = parser.parse_args(argv)
+    args.preset = "quick" if args.quick else args.preset
+    return args
 
 
-def environment(device: str) -> dict[str, Any]:
-    """The machine and software the figures were measured on."""
-    info: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "libraries": implementations.library_versions(),
+def machine_info(device: str) -> dict[str, Any]:
+    """pytest-benchmark's machine description, with what a figure here also depends on."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info = pytest_benchmark_generate_machine_info()
+    info |= {
         "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "libraries": implementations.library_versions(),
         "memory_method": harness.memory_method(device),
-        "load_average_at_start": _load_average(),
+        "load_average_at_start": None if load is None else [round(x, 2) for x in load],
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _selected(spec: str, available: list[str], what: str) -> list[str]:
@@ -161,128 +130,54 @@ def _selected(spec: str, available: list[str], what: str) -> list[str]:
 
 # --------------------------------------------------------------------------- targets
 
-
-def _median(results: dict[str, Any], workload: str, impl: str) -> float | None:
-    case = results.get(workload, {}).get(impl)
-    return None if case is None else case.get("median_s")
-
-
-def _peak(results: dict[str, Any], workload: str, impl: str) -> int | None:
-    case = results.get(workload, {}).get(impl)
-    return None if case is None else case.get("peak_bytes")
+DROP_IN, HIGHER, LOOP = "higher_func.innerloop_ctx", "higher", "torch.func loop"
+#: Issue 11's targets: the drop-in at least this many times higher's speed (others 1.0).
+SPEED_GOALS = {"1": 1.3, "2": 1.3, "2b": 1.3}
+LARGE_MODELS = ("7", "8", "9")  # within 1.1x of the hand-written loop's time
 
 
-def _target(name: str, measured: float | None, goal: str, met: bool | None, why: str = ""):
-    status = "not measured" if measured is None else ("met" if met else "missed")
-    return {"target": name, "measured": measured, "goal": goal, "status": status, "why": why}
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 11's performance targets, each with its measured ratio and status."""
+    cases = render.cases(report)
+    workloads_ = report["higher_func"]["workloads"]
+
+    def ratio(key: str, field: str, top: str, bottom: str) -> float | None:
+        a, b = (cases.get(key, {}).get(impl, {}).get(field) for impl in (top, bottom))
+        return None if a is None or b is None else a / max(b, 1e-30)
+
+    rows = []
+    timed = [k for k, w in workloads_.items() if w["family"] != "memory"]
+    for key in timed:
+        goal = SPEED_GOALS.get(key, 1.0)
+        measured = ratio(key, "median_s", HIGHER, DROP_IN)
+        rows.append((f"workload {key}: innerloop_ctx vs higher (x faster)", measured, goal, 1))
+    for key in (k for k in timed if k[0] in LARGE_MODELS):
+        measured = ratio(key, "median_s", DROP_IN, LOOP)
+        rows.append((f"workload {key}: innerloop_ctx / torch.func loop (time)", measured, 1.1, -1))
+    for key in (k for k, w in workloads_.items() if k.startswith("6-tracked-")):
+        measured = ratio(key, "peak_bytes", DROP_IN, HIGHER)
+        name = f"memory: innerloop_ctx / higher, peak, tracked, {key.rsplit('-', 1)[1]} steps"
+        rows.append((name, measured, 1.0, -1))
+    return [
+        {
+            "target": name,
+            "goal": f"{'>=' if sign > 0 else '<='} {goal}",
+            "measured": measured,
+            "status": "not measured"
+            if measured is None
+            else ("met" if sign * (measured - goal) >= 0 else "not met"),
+        }
+        for name, measured, goal, sign in rows
+    ]
 
 
-def check_targets(results: dict[str, dict[str, Any]], memory_steps: list[int]) -> list[dict]:
-    """The performance targets of issues 4 and 5, each with its measured ratio."""
-    ctx, higher = "higher_func.innerloop_ctx", "higher"
-    targets = []
-
-    def speedup(workload: str, impl: str, over: str) -> float | None:
-        a, b = _median(results, workload, impl), _median(results, workload, over)
-        return None if a is None or b is None else b / a
-
-    drop_in_goals = (("1", 1.3), ("2", 1.3), ("2b", 1.3), ("4", 1.3), ("3", 1.0), ("5", 2.0))
-    real_models = [key for key in results if key[0] in "3789" and key != "3"]
-    for key, goal in (*drop_in_goals, ("5b", 2.0), *((k, 1.0) for k in real_models)):
-        ratio = speedup(key, ctx, higher)
-        targets.append(
-            _target(
-                f"workload {key}: innerloop_ctx vs higher (x faster)",
-                ratio,
-                f">= {goal}",
-                ratio is not None and ratio >= goal,
-            )
-        )
-    for key in (k for k in real_models if k[0] != "3"):
-        slowdown = speedup(key, "torch.func loop", ctx)
-        targets.append(
-            _target(
-                f"workload {key}: innerloop_ctx / torch.func loop (time, large model)",
-                slowdown,
-                "<= 1.1",
-                slowdown is not None and slowdown <= 1.1,
-            )
-        )
-    for impl in ("higher_func functional", "higher_func inner_loop"):
-        for key in ("1", "2", "2b", "3", "4"):
-            # this implementation's time over the hand-written loop's (below 1: faster)
-            slowdown = speedup(key, "torch.func loop", impl)
-            targets.append(
-                _target(
-                    f"workload {key}: {impl} / torch.func loop (time)",
-                    slowdown,
-                    "<= 1.05",
-                    slowdown is not None and slowdown <= 1.05,
-                )
-            )
-    for key in ("1", "2"):
-        for impl, goal in (("higher_func vmap", 10.0), ("higher_func compiled", 50.0)):
-            ratio = speedup(key, impl, higher)
-            targets.append(
-                _target(
-                    f"workload {key}: {impl} vs higher (x faster)",
-                    ratio,
-                    f">= {goal}",
-                    ratio is not None and ratio >= goal,
-                )
-            )
-    lo, hi = min(memory_steps), max(memory_steps)
-    for impl in (ctx, "higher_func functional", "higher_func inner_loop"):
-        growth = _growth(results, "fo", lo, hi, impl)
-        tracked = _growth(results, "tracked", lo, hi, impl)
-        share = None if growth is None or not tracked else growth / tracked
-        targets.append(
-            _target(
-                f"memory: {impl}, first order: growth {lo}->{hi} steps / tracked growth",
-                share,
-                "<= 0.1 (flat)",
-                share is not None and share <= 0.1,
-            )
-        )
-    for steps in memory_steps:
-        mine, theirs = (
-            _peak(results, f"6-tracked-{steps}", ctx),
-            _peak(results, f"6-tracked-{steps}", higher),
-        )
-        ratio = None if mine is None or theirs is None else mine / max(theirs, 1)
-        targets.append(
-            _target(
-                f"memory: innerloop_ctx / higher, tracked, {steps} steps",
-                ratio,
-                "<= 1.05 (page-granular RSS on CPU)",
-                ratio is not None and ratio <= 1.05,
-            )
-        )
-    return targets
+# --------------------------------------------------------------------------- running
 
 
-def _growth(results: dict[str, Any], mode: str, lo: int, hi: int, impl: str) -> float | None:
-    """How much the peak grows from ``lo`` to ``hi`` inner steps (bytes)."""
-    a, b = _peak(results, f"6-{mode}-{lo}", impl), _peak(results, f"6-{mode}-{hi}", impl)
-    return None if a is None or b is None else float(b - a)
-
-
-# --------------------------------------------------------------------------- main
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.render_only:
-        report = json.loads(args.json.read_text())
-        if args.merge_into is not None:  # render the merge and save it over the earlier report
-            report = merged(json.loads(args.merge_into.read_text()), report)
-            args.merge_into.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
-        print(render.text_report(report))
-        written = render.write_markdown(report, args.markdown)
-        print("wrote " + ", ".join(str(p) for p in written))
-        return 0
-    mode = "quick" if args.quick else "full"
-    compile_paths = (not args.quick) if args.compile is None else args.compile
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the selected workloads; the report in pytest-benchmark's JSON layout."""
+    preset = PRESETS[args.preset]
+    compile_paths = preset.compile if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     implementations.COMPILE_CONV = args.compile_conv
@@ -295,74 +190,92 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     memory_steps = [int(s) for s in args.memory_steps.split(",")]
-
     if args.before:
         implementations.add_revision(args.before, ROOT)
     suite = workloads.suite(args.device, tuple(memory_steps))
-    keys = _selected(args.workloads, sorted({w.key.split("-")[0] for w in suite}), "workloads")
+    available = sorted({w.key.split("-")[0] for w in suite})
+    keys = _selected(args.workloads or preset.workloads, available, "workloads")
     suite = [w for w in suite if w.key.split("-")[0] in keys]
     all_impls = [i.key for i in implementations.IMPLEMENTATIONS]
     chosen = _selected(args.implementations, all_impls, "implementations")
     impls = [i for i in implementations.IMPLEMENTATIONS if i.key in chosen]
 
-    env = environment(args.device)
-    print(f"higher_func benchmarks ({mode} run) on {env['cpu']}, torch {torch.__version__}")
-    threads, load = env["torch_threads"], env["load_average_at_start"]
-    print(f"  device {args.device}, {threads} torch threads, load average {load}")
+    info = machine_info(args.device)
+    print(f"higher_func benchmarks ({args.preset}) on {info['cpu'].get('brand_raw')}")
+    print(
+        f"  device {args.device}, {info['torch_threads']} torch threads, load average "
+        f"{info['load_average_at_start']}, torch {torch.__version__}"
+    )
     started = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
+    benchmarks, not_run = [], []
     for workload in suite:
         elapsed = time.perf_counter() - started
         print(f"[{elapsed:6.0f} s] workload {workload.key}: {workload.problem.title}", flush=True)
         run_impls = [i for i in impls if compile_paths or not i.compiled]
+        if elapsed > preset.time_limit_s:
+            run_impls, why = [], f"the {args.preset} preset's time limit "
+            why += f"({preset.time_limit_s:.0f} s) was reached before this workload"
+        else:
+            why = "compiled paths are skipped without --compile (compiling takes 30-140 s "
+            why += "each on a 2-core CPU)"
         cases = harness.run_workload(
             workload,
             run_impls,
-            rounds=args.rounds or ROUNDS[workload.family][0 if args.quick else 1],
+            rounds=args.rounds or preset.rounds[workload.family],
             device=args.device,
             reference=implementations.REFERENCE,
-            budget_s=BUDGET_S[mode],
+            budget_s=preset.budget_s,
         )
         for impl in impls:
-            if impl not in run_impls:
-                cases[impl.key] = harness.CaseResult(
-                    impl.key,
-                    "skipped",
-                    "compiled paths are skipped in --quick runs (compiling takes 30-140 s "
-                    "each on a 2-core CPU); run without --quick or with --compile",
-                )
-        results[workload.key] = {k: c.as_dict() for k, c in cases.items()}
+            case = cases.get(impl.key) or harness.Case(impl.key, "skipped", why)
+            if case.status == "ok" and case.stats:
+                benchmarks.append(_benchmark_entry(workload, case))
+            else:
+                message = case.message or "no timed round"
+                entry = {"workload": workload.key, "implementation": impl.key}
+                not_run.append(entry | {"status": case.status, "message": message})
 
-    report = {
-        "mode": mode,
-        "settings": {
-            "rounds": {k: v[0 if args.quick else 1] for k, v in ROUNDS.items()},
-            "rounds_override": args.rounds or None,
-            "compile": compile_paths,
-            "memory_steps": memory_steps,
-            "reference": implementations.REFERENCE,
-            "baseline": implementations.BASELINE,
-            "threads": torch.get_num_threads(),
-            "compile_cache": "warm (existing)" if args.warm_compile_cache else "cold (fresh)",
-        },
-        "environment": env,
-        "elapsed_s": round(time.perf_counter() - started, 1),
-        "implementations": {i.key: i.description for i in impls},
-        "workloads": {w.key: {"title": w.problem.title, "family": w.family} for w in suite},
-        "results": results,
-        "targets": check_targets(results, memory_steps),
+    settings = {
+        "rounds": dict(preset.rounds),
+        "rounds_override": args.rounds or None,
+        "compile": compile_paths,
+        "memory_steps": memory_steps,
+        "reference": implementations.REFERENCE,
+        "baseline": implementations.BASELINE,
+        "threads": torch.get_num_threads(),
+        "compile_cache": "warm (existing)" if args.warm_compile_cache else "cold (fresh)",
     }
-    print()
-    print(render.text_report(report))
-    if args.merge_into is not None:
-        report = merged(json.loads(args.merge_into.read_text()), report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
-    print(f"\nsaved {args.json}")
-    if not args.no_docs:
-        written = render.write_markdown(report, args.markdown)
-        print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    report = {
+        "machine_info": info,
+        "commit_info": get_commit_info("higher_func"),
+        "benchmarks": benchmarks,
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": pytest_benchmark_version,
+        "higher_func": {
+            "mode": args.preset,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "settings": settings,
+            "implementations": {i.key: i.description for i in impls},
+            "workloads": {w.key: {"title": w.problem.title, "family": w.family} for w in suite},
+            "not_run": not_run,
+        },
+    }
+    report["higher_func"]["targets"] = check_targets(report)
+    return report
+
+
+def _benchmark_entry(workload: workloads.Workload, case: harness.Case) -> dict[str, Any]:
+    """One case as pytest-benchmark writes a benchmark into its JSON file."""
+    return {
+        "group": f"workload {workload.key}: {workload.problem.title}",
+        "name": case.implementation,
+        "fullname": f"{workload.key}::{case.implementation}",
+        "params": {"workload": workload.key, "implementation": case.implementation},
+        "param": f"{workload.key}-{case.implementation}",
+        "extra_info": case.extra_info,
+        "options": {"timer": "torch.utils.benchmark.utils.timer.timer", "interleaved": True},
+        "stats": case.stats.as_dict() | {"data": case.stats.data, "iterations": 1},
+    }
 
 
 def merged(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -370,32 +283,51 @@ def merged(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
     Ratios stay within one run: every workload's implementations come from the same run.
     """
-    env = new["environment"]
-    run = {
-        "date_utc": env["date_utc"],
-        "mode": new["mode"],
-        "load_average_at_start": env["load_average_at_start"],
-        "libraries": env["libraries"],
-    }
+    new_meta = new["higher_func"]
+    keys = set(new_meta["workloads"])
     out = json.loads(json.dumps(base))
-    out["results"].update(new["results"])
-    out["workloads"].update(new["workloads"])
-    out["implementations"].update(new["implementations"])
-    runs = out.setdefault("workload_runs", {})
-    runs.update(dict.fromkeys(new["workloads"], run))
-    out["targets"] = check_targets(out["results"], out["settings"]["memory_steps"])
+    meta = out["higher_func"]
+    out["benchmarks"] = [b for b in out["benchmarks"] if b["params"]["workload"] not in keys]
+    out["benchmarks"] += new["benchmarks"]
+    meta["not_run"] = [c for c in meta["not_run"] if c["workload"] not in keys]
+    meta["not_run"] += new_meta["not_run"]
+    meta["workloads"].update(new_meta["workloads"])
+    meta["implementations"].update(new_meta["implementations"])
+    run_info = {
+        "date_utc": render.date(new["datetime"]),
+        "mode": new_meta["mode"],
+        "load_average_at_start": new["machine_info"]["load_average_at_start"],
+        "libraries": new["machine_info"]["libraries"],
+    }
+    meta.setdefault("workload_runs", {}).update(dict.fromkeys(keys, run_info))
+    meta["targets"] = check_targets(out)
     return out
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with non-finite floats as strings (``"nan"``), which JSON cannot hold."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+def _save(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    print(f"saved {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render_only:
+        report = json.loads(args.json.read_text())
+        if args.merge_into is not None:  # the merge is saved over the earlier report
+            report = merged(json.loads(args.merge_into.read_text()), report)
+            _save(report, args.merge_into)
+        print(render.terminal_report(report))
+    else:
+        report = run(args)
+        print("\n" + render.terminal_report(report))
+        if args.merge_into is not None:
+            report = merged(json.loads(args.merge_into.read_text()), report)
+        _save(report, args.json)
+    if not args.no_docs:
+        written = render.write_markdown(report, args.markdown)
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 if __name__ == "__main__":

@@ -172,7 +172,6 @@ class Workload:
     key: str
     family: str  # "maml", "hyper", "setup" or "memory"
     problem: Any
-    measures_time: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -611,4 +610,4 @@ def suite(device: str = "cpu", memory_steps: tuple[int, ...] = MEMORY_STEPS) -> 
     real = [Workload(p.key, "maml", p) for p in real_model_problems(device)]
     after_3 = next(i for i, w in enumerate(timed) if w.key == "3") + 1
     timed = timed[:after_3] + real[:2] + timed[after_3:] + real[2:]
-    return timed + [Workload(p.key, "memory", p, measures_time=False) for p in memory]
+    return timed + [Workload(p.key, "memory", p) for p in memory]
