@@ -246,3 +246,38 @@ def test_mixed_precision_drop_in_equals_hand_written_loop() -> None:
         reference = by_hand(adam_by_hand(0.05))
     assert all(p.dtype == torch.float32 for p in ours[1])
     assert_same_trace(ours, reference)
+
+
+def _recorded_nodes(output: torch.Tensor) -> int:
+    """The autograd nodes behind ``output`` (leaves' accumulators excluded)."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+def test_a_factor_of_one_is_skipped_with_the_same_bits() -> None:
+    """higher's momentum update ``buf * m + 1 * g`` (no dampening): ``1 * g`` is ``g`` bit for
+    bit, so the higher arithmetic adds ``g`` itself, one autograd node fewer, same numbers and
+    the same derivatives."""
+    from higher_func._rules._math import HigherOps
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
+    for op, reference in ((HigherOps.add_scaled, x + 1.0 * y), (HigherOps.sub_scaled, x - 1 * y)):
+        ours = op(x, y, 1.0)
+        assert torch.equal(ours, reference)
+        assert _recorded_nodes(ours) == _recorded_nodes(reference) - 1
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                torch.autograd.grad(ours.square().sum(), [x, y]),
+                torch.autograd.grad(reference.square().sum(), [x, y]),
+                strict=True,
+            )
+        )
+    assert _recorded_nodes(HigherOps.add_scaled(x, y, 0.5)) == 2  # any other factor: two ops
