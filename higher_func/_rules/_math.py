@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .._execution import forward_ad_active
+from .._execution import forward_ad_active, one_pass_sqrt_pays
 from ._tensor_list import TensorList, is_number
 
 __all__ = ["TORCH", "HIGHER", "ARITHMETICS", "arithmetic", "safe_sqrt"]
@@ -248,16 +248,17 @@ def _derivative_wanted(tensors: list[Tensor]) -> bool:
 def _safe_sqrt(x: Tensor) -> Tensor:
     if not _derivative_wanted([x]):
         return torch.sqrt(x)
-    if not forward_ad_active() and not is_traced(x):
-        return _RecordedSafeSqrt.apply(x)  # plain reverse mode: one pass forward
-    zero = x == 0  # forward mode, vmap, grad, torch.compile: the form every transform knows
+    if not forward_ad_active() and not is_traced(x) and one_pass_sqrt_pays(x):
+        return _RecordedSafeSqrt.apply(x)  # plain reverse mode, a large tensor: one pass
+    zero = x == 0  # the form every transform knows (forward mode, vmap, grad, compile)
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
 
 
 class _RecordedSafeSqrt(torch.autograd.Function):
-    """``safe_sqrt`` while autograd records in reverse mode: ``torch.sqrt`` forward (one
-    pass where the ``where`` form takes four: a large model's Adam step spent a fifth of
-    its time there), and the ``where`` form's derivative bit for bit, ``torch.sqrt``'s
+    """``safe_sqrt`` of a large tensor while autograd records in reverse mode (see
+    ``_execution.one_pass_sqrt_pays``): ``torch.sqrt`` forward, one pass where the ``where``
+    form takes four (BERT-tiny's Adam step spent a fifth of its time there), and the
+    ``where`` form's derivative bit for bit, ``torch.sqrt``'s
     ``grad / (2 * result)`` with 0 where the input is 0.  The backward is itself made of
     recorded ops, so it differentiates again to every order (the second derivative is 0
     at 0 as well)."""
