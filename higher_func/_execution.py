@@ -41,14 +41,19 @@ at 0) is ``where(x == 0, 0, sqrt(where(x == 0, 1, x)))``, four passes over the t
 every transform; while autograd records in plain reverse mode, a tensor of at least
 :data:`ONE_PASS_SQRT_MIN_ELEMENTS` elements takes one ``sqrt`` in a custom autograd
 Function whose backward is the same derivative, bit for bit.  Forward and backward with
-``create_graph`` (float32, 1 thread, time of the four ops / time of the Function)::
+``create_graph`` (float32, 1 thread, load average about 3, time of the four ops / time of
+the Function; ``benchmarks/results/kernel_costs.txt``; 4096 elements measured 0.97x in
+another run)::
 
-    elements     1024   4096   8192   65536   262144   1048576
-    speed-up     0.94   0.97   1.18    1.18     1.68      1.67
+    elements     1024   4096   8192   16384   65536   262144   1048576
+    speed-up     0.94   1.04   1.12    1.14    1.22     1.65      1.46
 
 Below the limit the Function's Python cost (a few microseconds forward and backward) eats
 the passes saved: the sinusoid's Adam step (one flat tensor of 1,761 elements) ran 0.97x
-as fast with it.
+as fast with it.  Above it, whole drop-in Adam iterations (the Function against the four
+ops, in one process, alternating, meta-gradients bit for bit the same; load average about
+3): BERT-tiny 1.08x, LSTM LM 1.06x, ResNet-18 1.03x.  Re-measure with
+``PYTHONPATH=$PWD python benchmarks/kernel_costs.py`` (both tables above).
 
 This module is the only place that asks what decides between them: the number and sizes
 of the tensors, their dtype, layout and device, whether autograd records, and whether a

@@ -10,7 +10,8 @@
   ``Differentiable*`` optimizers use): the two-op forms of ``higher`` 0.2.1 (and of
   hand-written MAML, learn2learn and ``torch.func``'s MAML example): ``x + a * y``,
   ``x + v * a * b``, ``x + v * (a / b)`` and moving averages ``m * beta + (1 - beta) * g``
-  (``x + 1 * y`` runs as ``x + y``: multiplying by 1 is exact).
+  (``x + 1 * y`` runs as ``x + y``: multiplying by 1 is exact; SGD-momentum without
+  dampening ran 1.03-1.04x faster per iteration on the sinusoid and ResNet-18).
   A migrated program's float32 trace then does not move.  The formulas stay torch.optim's
   (float64 parity is unchanged): where higher 0.2.1 used another formula (Adam's ``eps``
   added before the bias correction, as torch < 1.5 did), torch.optim's is kept.
@@ -257,7 +258,7 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 class _RecordedSafeSqrt(torch.autograd.Function):
     """``safe_sqrt`` of a large tensor while autograd records in reverse mode (see
     ``_execution.one_pass_sqrt_pays``): ``torch.sqrt`` forward, one pass where the ``where``
-    form takes four (BERT-tiny's Adam step spent a fifth of its time there), and the
+    form takes four (BERT-tiny's Adam step spent a quarter of its time there), and the
     ``where`` form's derivative bit for bit, ``torch.sqrt``'s
     ``grad / (2 * result)`` with 0 where the input is 0.  The backward is itself made of
     recorded ops, so it differentiates again to every order (the second derivative is 0
