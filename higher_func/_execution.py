@@ -10,12 +10,50 @@ bit):
   ops best), and what a recorded step of large tensors runs fastest.
 * :attr:`Plan.FOREACH`: once over a :class:`~higher_func._rules._tensor_list.TensorList`,
   one ``torch._foreach_*`` op per line of the kernel.  Only where autograd records
-  nothing: a recorded foreach op saves every input list for its backward (per-tensor ops
-  save only what they need), which measured 1.8x higher's peak memory over 50 tracked
-  MAML steps.
+  nothing, for every rule: a recorded foreach op saves its input lists for its backward
+  where the per-tensor op saves only what its derivative reads (see the table below), and
+  every kernel has a scalar multiplication or a list addition.
 * :attr:`Plan.FLAT`: once over the tensors of a parameter group concatenated into one
   (the differentiable optimizers' flat groups, ``_diffopt._FlatState``): while autograd
   records, one autograd node per line of the kernel instead of one per line and tensor.
+
+Why not foreach while autograd records (measured with ``saved_tensors_hooks``, counting
+the bytes each op saves for its backward, in lists of the inputs' size; torch 2.4.1 and
+2.13.0 alike)::
+
+    op                     foreach  per tensor      op                foreach  per tensor
+    x * 0.5                      1           0      x / 2.0                 1           0
+    x + y, x - y                 2           0      x + 0.5                 1           0
+    torch.add(x, y, alpha)       2           0      x * y, x / y            2           2
+    addcmul, addcdiv             3           2      sqrt                    1           1
+    -x                           0           0      lerp(x, y, 0.5)         0           0
+
+Higher's SGD step ``p - lr * g`` thus saves three lists per step run foreach and none per
+tensor: 5 steps of the sinusoid MLP ran 1.15x faster foreach (12 autograd nodes per step
+become 2) and saved 0.98 MB for its backward against 0.55 MB per tensor (higher: 0.93);
+50 tracked SGD steps of workload 6's 784-256-256-10 MLP saved 170 MB against 29 MB, a peak
+of 184 MB against 90 MB.  Momentum and Adam on small groups run :attr:`Plan.FLAT`, which
+beat foreach (Adam on the sinusoid: a whole iteration ran 0.71x as fast foreach).
+
+A kernel's op sequence is the planner's concern too where it can change without changing
+a bit: Adam's, RMSprop's and Adagrad's ``safe_sqrt`` (a square root whose derivative is 0
+at 0) is ``where(x == 0, 0, sqrt(where(x == 0, 1, x)))``, four passes over the tensor, in
+every transform; while autograd records in plain reverse mode, a tensor of at least
+:data:`ONE_PASS_SQRT_MIN_ELEMENTS` elements takes one ``sqrt`` in a custom autograd
+Function whose backward is the same derivative, bit for bit.  Forward and backward with
+``create_graph`` (float32, 1 thread, load average about 3, time of the four ops / time of
+the Function; ``benchmarks/results/kernel_costs.txt``; 4096 elements measured 0.97x in
+another run)::
+
+    elements     1024   4096   8192   16384   65536   262144   1048576
+    speed-up     0.94   1.04   1.12    1.14    1.22     1.65      1.46
+
+Below the limit the Function's Python cost (a few microseconds forward and backward) eats
+the passes saved: the sinusoid's Adam step (one flat tensor of 1,761 elements) ran 0.97x
+as fast with it.  Above it, whole drop-in Adam iterations (the Function against the four
+ops, in one process, alternating, meta-gradients bit for bit the same; load average about
+3): BERT-tiny 1.08x, LSTM LM 1.06x, ResNet-18 1.03x.  Re-measure with
+``PYTHONPATH=$PWD python benchmarks/kernel_costs.py`` (both tables above).
 
 This module is the only place that asks what decides between them: the number and sizes
 of the tensors, their dtype, layout and device, whether autograd records, and whether a
@@ -73,7 +111,9 @@ from torch import Tensor
 __all__ = [
     "FLAT_MAX_BYTES",
     "FLAT_MAX_MEAN_BYTES",
+    "ONE_PASS_SQRT_MIN_ELEMENTS",
     "Plan",
+    "one_pass_sqrt_pays",
     "forward_ad_active",
     "plan",
     "records",
@@ -84,6 +124,9 @@ __all__ = [
 FLAT_MAX_BYTES = 8 * 2**20
 #: The largest mean tensor size (bytes) of a parameter group stepped flat on the CPU.
 FLAT_MAX_MEAN_BYTES = 64 * 2**10
+#: The smallest tensor (elements) whose recorded ``safe_sqrt`` runs as one custom autograd
+#: Function (one sqrt forward) instead of four built-in ops.
+ONE_PASS_SQRT_MIN_ELEMENTS = 8192
 
 
 class Plan(enum.Enum):
@@ -105,6 +148,14 @@ def forward_ad_active() -> bool:
     """Whether a ``torch.autograd.forward_ad`` level is open: dual tensors may flow, and the
     per-tensor kernel is the one that carries their tangents exactly."""
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def one_pass_sqrt_pays(x: Tensor) -> bool:
+    """Whether a recorded ``safe_sqrt`` of ``x`` runs faster as one custom autograd Function
+    than as its four built-in ops (``_rules._math.safe_sqrt``): from
+    :data:`ONE_PASS_SQRT_MIN_ELEMENTS` elements, where the three passes saved outweigh the
+    Function's Python cost (see the module docstring)."""
+    return x.numel() >= ONE_PASS_SQRT_MIN_ELEMENTS
 
 
 def records(tensors: Iterable[Tensor]) -> bool:
@@ -162,7 +213,7 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
     if spec is None or not spec.elementwise:
         return False
     if not spec.fields(rule.hyperparameters):
-        return False  # a stateless rule (plain SGD) is one op per parameter: nothing to gain
+        return False  # plain SGD: flat measured 0.98x per tensor's speed on the sinusoid
     first = params[0]
     if not first.dtype.is_floating_point:
         return False

@@ -246,3 +246,71 @@ def test_mixed_precision_drop_in_equals_hand_written_loop() -> None:
         reference = by_hand(adam_by_hand(0.05))
     assert all(p.dtype == torch.float32 for p in ours[1])
     assert_same_trace(ours, reference)
+
+
+def _recorded_nodes(output: torch.Tensor) -> int:
+    """The autograd nodes behind ``output`` (leaves' accumulators excluded)."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+def test_a_factor_of_one_is_skipped_with_the_same_bits() -> None:
+    """higher's momentum update ``buf * m + 1 * g`` (no dampening): ``1 * g`` is ``g`` bit for
+    bit, so the higher arithmetic adds ``g`` itself, one autograd node fewer, same numbers and
+    the same derivatives."""
+    from higher_func._rules._math import HigherOps
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
+    for op, reference in ((HigherOps.add_scaled, x + 1.0 * y), (HigherOps.sub_scaled, x - 1 * y)):
+        ours = op(x, y, 1.0)
+        assert torch.equal(ours, reference)
+        assert _recorded_nodes(ours) == _recorded_nodes(reference) - 1
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                torch.autograd.grad(ours.square().sum(), [x, y]),
+                torch.autograd.grad(reference.square().sum(), [x, y]),
+                strict=True,
+            )
+        )
+    assert _recorded_nodes(HigherOps.add_scaled(x, y, 0.5)) == 2  # any other factor: two ops
+
+
+@pytest.mark.parametrize("width", [128, 512], ids=["flat-group", "per-tensor"])
+def test_drop_in_adam_on_large_tensors_keeps_the_trace_and_meta_gradient(width) -> None:
+    """Large tensors take safe_sqrt's one-pass Function (``_execution.one_pass_sqrt_pays``),
+    stepped flat (width 128) or per tensor (512): the inner trace and the meta-gradient are
+    the hand-written loop's (plain ``torch.sqrt``) bit for bit."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    )
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    update = adam_by_hand(0.01)
+
+    def mse(out: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with hf.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(mse(fmodel(x)))
+        ours = [p.detach() for p in fmodel.parameters()]
+        ours_meta = torch.autograd.grad(mse(fmodel(x)), list(model.parameters()))
+    params = dict(model.named_parameters())
+    state: dict = {}
+    for step in range(3):
+        loss = mse(functional_call(model, params, (x,)))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = update(step, params, dict(zip(params, grads, strict=True)), state)
+    reference = [p.detach() for p in params.values()]
+    meta = torch.autograd.grad(mse(functional_call(model, params, (x,))), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ours_meta, meta, strict=True))

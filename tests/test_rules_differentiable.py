@@ -129,6 +129,47 @@ def test_safe_sqrt_values_and_derivatives() -> None:
     assert g.tolist()[:2] == [0.0, 0.25]
 
 
+def _where_form_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``safe_sqrt`` as every transform runs it (vmap, grad, forward mode, compile)."""
+    zero = x == 0
+    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recorded_safe_sqrt_equals_the_where_form_bit_for_bit(dtype) -> None:
+    """While autograd records, safe_sqrt of a large tensor runs one sqrt forward (a custom
+    autograd Function); its values, first and second derivatives are the where form's, bit
+    for bit, zeros (also -0.0) included."""
+    from higher_func._execution import ONE_PASS_SQRT_MIN_ELEMENTS
+
+    torch.manual_seed(0)
+    start = torch.rand(ONE_PASS_SQRT_MIN_ELEMENTS, dtype=dtype)
+    start[::7] = 0.0
+    start[3] = -0.0
+    weights = torch.randn(ONE_PASS_SQRT_MIN_ELEMENTS, dtype=dtype)
+    results = []
+    for sqrt in (hf.optim.safe_sqrt, _where_form_sqrt):
+        x = start.clone().requires_grad_()
+        y = sqrt(x)
+        (first,) = torch.autograd.grad((y * weights).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad((first * weights).sum(), x)
+        results.append((y.detach(), first.detach(), second, type(y.grad_fn).__name__))
+    (ours, reference) = results
+    assert ours[3] == "_RecordedSafeSqrtBackward" and reference[3] == "WhereBackward0"
+    assert all(torch.equal(a, b) for a, b in zip(ours[:3], reference[:3], strict=True))
+    assert torch.isnan(hf.optim.safe_sqrt(torch.tensor([-1.0], requires_grad=True))).all()
+    small = hf.optim.safe_sqrt(start[:-1].clone().requires_grad_())  # one element fewer
+    assert type(small.grad_fn).__name__ == "WhereBackward0"  # the four ops cost less there
+
+
+def test_recorded_safe_sqrt_passes_gradcheck_to_second_order() -> None:
+    from higher_func._rules._math import _RecordedSafeSqrt
+
+    x = (torch.rand(6, dtype=torch.float64) + 0.1).requires_grad_()
+    assert gradcheck(_RecordedSafeSqrt.apply, (x,))
+    assert gradgradcheck(_RecordedSafeSqrt.apply, (x,))
+
+
 def test_learned_lr_receives_its_hypergradient() -> None:
     """d/d lr of one SGD step on a quadratic is known in closed form: -g . g."""
     lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)

@@ -194,7 +194,11 @@ class Rule:
                 for f in fields:
                     new_columns[f][i] = s[f].items[position]
         else:
-            hps = _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+            hps = (
+                [hyperparameters] * len(leaves)
+                if shared
+                else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
+            )
             for i in active:
                 p, s = self.spec.update(
                     leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]

