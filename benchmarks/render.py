@@ -19,6 +19,8 @@ RESULTS = HERE / "results"
 TEMPLATE = HERE / "performance.template.md"
 #: The saved output of ``benchmarks/plan_thresholds.py`` shown on the page.
 PLAN_THRESHOLDS = RESULTS / "plan_thresholds.txt"
+#: The saved output of ``benchmarks/kernel_costs.py`` shown on the page.
+KERNEL_COSTS = RESULTS / "kernel_costs.txt"
 #: The saved results of ``benchmarks/long_unrolls.py`` (its own fresh-process runs).
 LONG_UNROLLS = RESULTS / "long_unrolls.json"
 #: The saved report of the ``gpu`` preset (``.ci/gpu-check``), shown when present.
@@ -224,6 +226,7 @@ def markdown_report(report: dict[str, Any], chart: str | None, chart_note: str) 
         memory_method=info["memory_method"],
         memory_table=_memory_table(report) or "_Not measured in this run._",
         plan_thresholds=PLAN_THRESHOLDS.read_text().rstrip(),
+        kernel_costs=KERNEL_COSTS.read_text().rstrip(),
         long_unrolls=long_unrolls_table.markdown(long_unrolls, list(long_unrolls_table.STEPS)),
         gpu="\n".join(gpu_section(GPU_REPORT)),
         targets=_targets_table(report),
