@@ -17,7 +17,10 @@ A custom rule is a :class:`RuleSpec`; ``make_rule(spec, hyperparameters)`` (also
 optimizer" in the documentation).
 """
 
-from ._diffopt import (
+from ._constructors import create_diff_optim, get_diff_optim, register_optim
+from ._diffopt import DifferentiableOptimizer
+from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
+from ._rule_optimizer import (
     DifferentiableAdadelta,
     DifferentiableAdagrad,
     DifferentiableAdam,
@@ -25,17 +28,11 @@ from ._diffopt import (
     DifferentiableAdamW,
     DifferentiableASGD,
     DifferentiableNAdam,
-    DifferentiableOptimizer,
     DifferentiableRAdam,
     DifferentiableRMSprop,
     DifferentiableRprop,
     DifferentiableRuleOptimizer,
     DifferentiableSGD,
-    apply_trainable_opt_params,
-    create_diff_optim,
-    get_diff_optim,
-    get_trainable_opt_params,
-    register_optim,
 )
 from ._rules._adagrad import AdadeltaState, AdagradState
 from ._rules._adam import AdamState
@@ -84,7 +81,9 @@ from ._compat import (  # noqa: E402, F401
     _recursive_apply,
     _StateType,
 )
-from ._diffopt import _DIFF_OPTIMIZERS as _opt_mapping  # noqa: E402, F401
+from ._constructors import DifferentiableClasses  # noqa: E402
+
+_opt_mapping = DifferentiableClasses()  # a view of the one registry, writable as in higher
 
 __all__ = [
     "ASGDState",
