@@ -358,7 +358,7 @@ def gradients(
         )
     found = torch.autograd.grad(
         loss,
-        [*(params[k] for k in trainable), *also.values()],
+        [params[k] for k in trainable] + list(also.values()),
         create_graph=create_graph,
         allow_unused=True,
     )

@@ -44,8 +44,10 @@ def check_scalar_loss(loss: Tensor) -> None:
 
 def check_some_gradient(grads: Sequence[Tensor | None]) -> None:
     """Raise :data:`UNUSED_LOSS` if autograd found no gradient at all."""
-    if all(g is None for g in grads):
-        raise ValueError(UNUSED_LOSS)
+    for g in grads:  # a loop, not all(...): no Python call per gradient
+        if g is not None:
+            return
+    raise ValueError(UNUSED_LOSS)
 
 
 def check_like_params(

@@ -10,6 +10,7 @@ The values are those of the per-parameter step: every element sees the same arit
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeGuard
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._dropin_checks import detached
-from ._rules._core import UpdateRule
+from ._rules._protocol import UpdateRule
 
 
 class _FlatState(NamedTuple):
@@ -74,7 +75,7 @@ def reusable(state: Any, params: Sequence[Tensor]) -> TypeGuard[_FlatState]:
         isinstance(state, _FlatState)
         and state.views is not None
         and len(state.views) == len(params)
-        and all(p is v for p, v in zip(params, state.views, strict=True))
+        and all(map(operator.is_, params, state.views))  # map: no Python call per tensor
     )
 
 
@@ -111,8 +112,9 @@ def flat_step(
     new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
     new_flat = new["flat"]
     chunks = new_flat.split([p.numel() for p in params])
-    views = tuple(_shaped(c, p.shape) for c, p in zip(chunks, params, strict=True))
-    return list(views), _FlatState(new_state, new_flat, views)
+    pairs = zip(chunks, params, strict=True)
+    views = [c if c.shape == p.shape else c.view(p.shape) for c, p in pairs]
+    return views, _FlatState(new_state, new_flat, tuple(views))
 
 
 def unflattened(state: Any) -> Any:

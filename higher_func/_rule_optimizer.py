@@ -9,6 +9,7 @@ is stepped as one flat tensor (``_flat_groups.py``); the state is converted to a
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from ._diffopt import DifferentiableOptimizer, GradCallback, check_optimizer
 from ._errors import unknown_override
 from ._execution import Plan, plan
 from ._hyperparams import Override, Schedule, check_options_supported, option_names
-from ._rules._core import UpdateRule, spec_of
+from ._rules._protocol import UpdateRule, spec_of
 from ._rules._registry import register_differentiable_class, rule_factory
 from ._torch_state import DeferredImport, imported_group_state, torch_style_state
 
@@ -115,11 +116,12 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         """Each group's rule step (flat where the planner says so) on ``params``."""
         if type(self)._update is not DifferentiableRuleOptimizer._update:
             return super()._updated(params, grads, also_grads, **kwargs)  # a subclass's own
-        _check_no_kwargs(self, kwargs)
+        if kwargs:
+            _check_no_kwargs(self, kwargs)
         new_params = list(params)
         for i, indices in enumerate(self._group_to_param_list):
             group_grads = [grads[k] for k in indices]
-            if all(g is None for g in group_grads):
+            if not any(map(_is_tensor, group_grads)):
                 continue
             group_params = [params[k] for k in indices]
             new = self._group_step(i, group_params, group_grads, also_grads.get(i))
@@ -197,7 +199,8 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         torch optimizer's values."""
         group = self.param_groups[i]
         built, state, previous = self._built_from[i], self._states[i], self._rules[i]
-        if previous is not None and all(group.get(k) is v for k, v in built.items()):
+        unchanged = all(map(operator.is_, map(group.get, built), built.values()))
+        if previous is not None and unchanged:
             return previous, state
         options = self._options(group)
         rule = self._factory(**options)
@@ -240,6 +243,10 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
     def _options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in group.items() if k in self._option_names}
+
+
+def _is_tensor(value: Any) -> bool:
+    return value is not None
 
 
 def _check_no_kwargs(diffopt: DifferentiableOptimizer, kwargs: Mapping[str, Any]) -> None:

@@ -20,7 +20,8 @@ import optree
 import torch
 from torch import Tensor
 
-from ._rules._core import UpdateRule, _assemble_state, spec_of
+from ._rules._core import _assemble_state
+from ._rules._protocol import UpdateRule, spec_of
 from ._rules._sgd import SGDState
 
 #: Options torch reads from ``optimizer.defaults``, never from the group, when it creates

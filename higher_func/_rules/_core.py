@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import optree
 import torch
@@ -23,7 +23,7 @@ from ._checks import check_grad, check_hyperparameter_types
 from ._math import ARITHMETIC_KEY, ARITHMETICS, TORCH, safe_sqrt
 from ._tensor_list import TensorList
 
-__all__ = ["Rule", "RuleSpec", "UpdateRule", "safe_sqrt"]
+__all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
 #: Options of ``torch.optim`` that select an implementation, never the math.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -260,33 +260,6 @@ class Rule:
         numeric = {k: v for k, v in overrides.items() if not _holds_tensor(v)}
         self.spec.validate({**self.hyperparameters, **numeric})
         return {**self.hyperparameters, **overrides}
-
-
-class UpdateRule(Protocol):
-    """What the adapters need from a rule: a :class:`Rule`, or one of one's own design that a
-    factory given to :func:`higher_func.optim.register_rule` returns.
-
-    A rule built from a :class:`RuleSpec` (a :class:`Rule`) can do more: its torch state can
-    be imported and its groups stepped flat; :func:`spec_of` tells which kind a rule is.
-    """
-
-    @property
-    def hyperparameters(self) -> Mapping[str, Any]:
-        """The rule's options by name (``torch.optim``'s names)."""
-        ...
-
-    def init(self, params: Any) -> Any:
-        """The initial state for ``params``."""
-        ...
-
-    def step(self, params: Any, grads: Any, state: Any, **overrides: Any) -> tuple[Any, Any]:
-        """``(new_params, new_state)``, the inputs untouched."""
-        ...
-
-
-def spec_of(rule: UpdateRule) -> RuleSpec | None:
-    """The :class:`RuleSpec` a rule was built from (``None`` for a rule of one's own design)."""
-    return rule.spec if isinstance(rule, Rule) else None
 
 
 def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:

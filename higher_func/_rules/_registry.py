@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from .._errors import unsupported_optimizer
 from .._torch_state import import_state
 from . import _factories as f
-from ._core import Rule, UpdateRule
+from ._core import Rule
 from ._math import TORCH
+from ._protocol import UpdateRule
 
 RuleFactory = Callable[..., UpdateRule]
 
