@@ -62,7 +62,8 @@ from ._rules._registry import (
 from ._rules._rmsprop import RMSpropState, RpropState
 from ._rules._sgd import SGDState
 
-make_rule = build_rule  # the public name of build_rule, used in the documentation
+# The public name of build_rule (the documentation's); build_rule is what the factories call.
+make_rule = build_rule
 
 # For compatibility with higher: the module-level names of higher.optim that public custom
 # optimizers import (``from higher.optim import _add, _GroupedGradsType``), with higher's

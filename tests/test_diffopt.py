@@ -613,6 +613,32 @@ def test_opt_mapping_is_higher_s_dict_over_the_one_registry(restored_registry):
         del mapping[MySGD]
 
 
+def test_a_subclass_extending_a_built_in_update_keeps_higher_s_protocol():
+    """A class written for higher that subclasses a built-in one and calls super()._update
+    sees its override run, on param_groups[i]['params'], with the built-in numbers."""
+    seen = []
+
+    class LoggedSGD(hf.optim.DifferentiableSGD):
+        def _update(self, grouped_grads, **kwargs):
+            seen.append([len(group["params"]) for group in self.param_groups])
+            super()._update(grouped_grads, **kwargs)
+
+    data = batches(3)
+    results = []
+    for cls in (hf.optim.DifferentiableSGD, LoggedSGD):
+        net = make_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        fmodel = hf.monkeypatch(net)
+        diffopt = cls(opt, net.parameters(), fmodel=fmodel)
+        for x, y in data:
+            new = diffopt.step(mse(fmodel(x), y))
+        assert all(p is q for p, q in zip(diffopt.param_groups[0]["params"], new, strict=True))
+        results.append(new)
+    assert seen == [[6]] * len(data)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- constructors
 
 
