@@ -45,7 +45,9 @@ class RuleSpec:
 
     Attributes:
         name: the factory's name (``"adam"``).
-        torch_class: the ``torch.optim`` class whose math the rule reproduces, if any.
+        torch_class: the ``torch.optim`` class whose math the rule reproduces, if any (the
+            built-in rules are registered for theirs; a rule of one's own is registered with
+            :func:`higher_func.optim.register_rule`).
         state_type: a ``NamedTuple`` class; its fields are ``torch.optim``'s state keys.
         defaults: every math option with ``torch.optim``'s default (keyword only).  The
             built-in rules write their defaults once, in their factory's signature; their

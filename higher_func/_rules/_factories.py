@@ -363,3 +363,23 @@ RMSPROP = _with_signature_defaults(_rmsprop.RMSPROP, rmsprop)
 RPROP = _with_signature_defaults(_rmsprop.RPROP, rprop)
 NADAM = _with_signature_defaults(_adam_variants.NADAM, nadam)
 RADAM = _with_signature_defaults(_adam_variants.RADAM, radam)
+
+#: The built-in rules by the ``torch.optim`` class whose math they reproduce (each spec's
+#: ``torch_class``): what the registry starts from.
+BUILT_IN: dict[type, Callable[..., Rule]] = {
+    spec.torch_class: factory
+    for spec, factory in (
+        (SGD, sgd),
+        (ADAM, adam),
+        (ADAMW, adamw),
+        (ADAGRAD, adagrad),
+        (ADADELTA, adadelta),
+        (ADAMAX, adamax),
+        (ASGD, asgd),
+        (RMSPROP, rmsprop),
+        (RPROP, rprop),
+        (NADAM, nadam),
+        (RADAM, radam),
+    )
+    if spec.torch_class is not None
+}

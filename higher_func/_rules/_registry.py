@@ -36,21 +36,11 @@ class Registration(NamedTuple):
 #: ``torch.optim`` class -> its registration; the differentiable classes of the built-in
 #: rules are added where they are defined (``_rule_optimizer.py``).
 _REGISTRY: dict[type, Registration] = {
-    torch.optim.SGD: Registration(f.sgd),
-    torch.optim.Adam: Registration(f.adam),
-    torch.optim.AdamW: Registration(f.adamw),
-    torch.optim.Adagrad: Registration(f.adagrad),
-    torch.optim.Adadelta: Registration(f.adadelta),
-    torch.optim.Adamax: Registration(f.adamax),
-    torch.optim.ASGD: Registration(f.asgd),
-    torch.optim.RMSprop: Registration(f.rmsprop),
-    torch.optim.Rprop: Registration(f.rprop),
-    torch.optim.NAdam: Registration(f.nadam),
-    torch.optim.RAdam: Registration(f.radam),
+    klass: Registration(factory) for klass, factory in f.BUILT_IN.items()
 }
 
-#: The factories defined here (they take ``arithmetic=`` like any option).
-_BUILT_IN_FACTORIES = frozenset(r.factory for r in _REGISTRY.values())
+#: The factories of ``_factories.py`` (they take ``arithmetic=`` like any option).
+_BUILT_IN_FACTORIES = frozenset(f.BUILT_IN.values())
 
 #: Keys that torch's learning-rate schedulers and named parameters add to a group.
 _BOOKKEEPING_KEYS = frozenset(
