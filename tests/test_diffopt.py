@@ -639,6 +639,29 @@ def test_a_subclass_extending_a_built_in_update_keeps_higher_s_protocol():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["built-in", "written for higher"])
+def test_detach_state_cuts_the_state_s_graph_and_keeps_its_values(kind, restored_registry):
+    hf.register_optim(ScaledMomentum, DifferentiableScaledMomentum)
+    net = make_net()
+    opt = (
+        torch.optim.Adam(net.parameters())
+        if kind == "built-in"
+        else ScaledMomentum(net.parameters())
+    )
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)  # the state records it
+    with hf.innerloop_ctx(net, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+        for x, y in batches(2):
+            diffopt.step(mse(fmodel(x), y))
+        before = [dict(e) for s in diffopt.state for e in s.values()]
+        assert any(t.grad_fn is not None for e in before for t in e.values())
+        diffopt.detach_state()
+        after = [e for s in diffopt.state for e in s.values()]
+    assert all(t.grad_fn is None for e in after for t in e.values())
+    for old, new in zip(before, after, strict=True):
+        for key in old:
+            torch.testing.assert_close(new[key], old[key].detach(), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- constructors
 
 
