@@ -8,6 +8,7 @@ batch under ``vmap`` and compile with ``torch.compile``.
 from . import func, implicit, optim, patch, utils
 from ._attention import is_double_backward_attention_enabled, set_double_backward_attention
 from ._batched import batched_meta_loss
+from ._constructors import create_diff_optim, get_diff_optim, register_optim
 from ._context import (
     clip_grad_norm,
     clip_grad_value,
@@ -16,7 +17,6 @@ from ._context import (
     write_back_module,
     write_back_optimizer,
 )
-from ._diffopt import create_diff_optim, get_diff_optim, register_optim
 from ._inner_loop import inner_loop
 from ._meta_objective import MetaObjective
 from ._versions import TorchVersionError

@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._diffopt import DifferentiableOptimizer, GradCallback, Override, Schedule, get_diff_optim
+from ._constructors import get_diff_optim
+from ._diffopt import DifferentiableOptimizer, GradCallback
+from ._hyperparams import Override, Schedule
 from ._patch import FunctionalModule, monkeypatch
+from ._torch_state import write_state
 
 __all__ = [
     "clip_grad_norm",
@@ -33,10 +36,6 @@ __all__ = [
 ]
 
 Grads = Sequence[Tensor | None]
-
-#: ``torch.optim`` state entries that torch keeps as 0-d "scalar" tensors (on the CPU unless
-#: the group is ``capturable`` or ``fused``), whatever the parameter's dtype.
-_SCALAR_STATE_KEYS = frozenset({"step", "eta", "mu", "mu_product"})
 
 
 @contextlib.contextmanager
@@ -117,7 +116,7 @@ def innerloop_ctx(
         **extras,
     )
     if first_order:
-        diffopt._first_order_anchor = fmodel.fast_params
+        diffopt._connect_first_order(fmodel.fast_params)
     yield fmodel, diffopt
 
 
@@ -190,35 +189,8 @@ def write_back_optimizer(diffopt: DifferentiableOptimizer, opt: torch.optim.Opti
         >>> opt.state[model.weight]["step"]
         tensor(1.)
     """
-    sizes = [len(g["params"]) for g in opt.param_groups]
-    own_sizes = [len(indices) for indices in diffopt._group_to_param_list]
-    if sizes != own_sizes:
-        raise ValueError(
-            f"opt has parameter groups of sizes {sizes} but diffopt has {own_sizes}: write back "
-            f"into the torch optimizer diffopt was built from."
-        )
-    for group, group_state in zip(opt.param_groups, diffopt.state, strict=True):
-        for position, p in enumerate(group["params"]):
-            entry = group_state.get(position)
-            if entry:
-                old = opt.state.get(p, {})
-                opt.state[p] = {
-                    key: _torch_state_value(key, value, p, old.get(key), group)
-                    for key, value in entry.items()
-                }
-
-
-def _torch_state_value(key: str, value: Any, param: Tensor, old: Any, group: Any) -> Any:
-    if not isinstance(value, Tensor):
-        return value
-    value = value.detach()
-    if isinstance(old, Tensor):
-        return value.to(device=old.device, dtype=old.dtype, copy=True)
-    if key in _SCALAR_STATE_KEYS and value.dim() == 0:
-        on_device = group.get("capturable") or group.get("fused")
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        return value.to(device=param.device if on_device else "cpu", dtype=dtype, copy=True)
-    return value.to(device=param.device, dtype=param.dtype, copy=True)
+    group_sizes = [len(indices) for indices in diffopt._group_to_param_list]
+    write_state(diffopt.state, group_sizes, opt)
 
 
 # --------------------------------------------------------------------------- truncation
@@ -249,7 +221,7 @@ def truncate(
         True
     """
     if diffopt is not None:
-        diffopt._detach_state()
+        diffopt.detach_state()
     if fmodel is not None:
         latest = [p.detach().requires_grad_(p.requires_grad) for p in fmodel.fast_params]
         tracking = fmodel.track_higher_grads

@@ -1,6 +1,6 @@
 """Checks for the classic mistakes of the drop-in API (``innerloop_ctx``, ``monkeypatch``,
-``diffopt.step``), each turned into a clear error or warning, and the detached deep copy of
-a differentiable optimizer."""
+``diffopt.step``), each turned into a clear error or warning, and the detached copies of a
+differentiable optimizer and of its state."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+import optree
 from torch import Tensor, nn
 
 from ._errors import grad_shape
@@ -43,8 +44,10 @@ def check_scalar_loss(loss: Tensor) -> None:
 
 def check_some_gradient(grads: Sequence[Tensor | None]) -> None:
     """Raise :data:`UNUSED_LOSS` if autograd found no gradient at all."""
-    if all(g is None for g in grads):
-        raise ValueError(UNUSED_LOSS)
+    for g in grads:  # a loop, not all(...): no Python call per gradient
+        if g is not None:
+            return
+    raise ValueError(UNUSED_LOSS)
 
 
 def check_like_params(
@@ -161,3 +164,12 @@ def _seed(value: Any, memo: dict[int, Any], seen: set[int]) -> None:
             _seed(item, memo, seen)
         for slot in getattr(type(value), "__slots__", ()):
             _seed(getattr(value, slot, None), memo, seen)
+
+
+def detached(tree: Any) -> Any:
+    """``tree`` with every tensor detached (no graph is kept through it)."""
+    return optree.tree_map(_detach_tensor, tree)
+
+
+def _detach_tensor(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x

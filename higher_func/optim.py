@@ -17,7 +17,10 @@ A custom rule is a :class:`RuleSpec`; ``make_rule(spec, hyperparameters)`` (also
 optimizer" in the documentation).
 """
 
-from ._diffopt import (
+from ._constructors import create_diff_optim, get_diff_optim, register_optim
+from ._diffopt import DifferentiableOptimizer
+from ._hyperparams import apply_trainable_opt_params, get_trainable_opt_params
+from ._rule_optimizer import (
     DifferentiableAdadelta,
     DifferentiableAdagrad,
     DifferentiableAdam,
@@ -25,17 +28,11 @@ from ._diffopt import (
     DifferentiableAdamW,
     DifferentiableASGD,
     DifferentiableNAdam,
-    DifferentiableOptimizer,
     DifferentiableRAdam,
     DifferentiableRMSprop,
     DifferentiableRprop,
     DifferentiableRuleOptimizer,
     DifferentiableSGD,
-    apply_trainable_opt_params,
-    create_diff_optim,
-    get_diff_optim,
-    get_trainable_opt_params,
-    register_optim,
 )
 from ._rules._adagrad import AdadeltaState, AdagradState
 from ._rules._adam import AdamState
@@ -65,7 +62,8 @@ from ._rules._registry import (
 from ._rules._rmsprop import RMSpropState, RpropState
 from ._rules._sgd import SGDState
 
-make_rule = build_rule  # the public name of build_rule, used in the documentation
+# The public name of build_rule (the documentation's); build_rule is what the factories call.
+make_rule = build_rule
 
 # For compatibility with higher: the module-level names of higher.optim that public custom
 # optimizers import (``from higher.optim import _add, _GroupedGradsType``), with higher's
@@ -84,7 +82,9 @@ from ._compat import (  # noqa: E402, F401
     _recursive_apply,
     _StateType,
 )
-from ._diffopt import _DIFF_OPTIMIZERS as _opt_mapping  # noqa: E402, F401
+from ._constructors import DifferentiableClasses  # noqa: E402
+
+_opt_mapping = DifferentiableClasses()  # a view of the one registry, writable as in higher
 
 __all__ = [
     "ASGDState",

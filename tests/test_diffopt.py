@@ -540,6 +540,128 @@ def test_registering_a_pure_rule_is_enough_for_the_drop_in():
     assert type(diffopt) is hf.optim.DifferentiableRuleOptimizer
 
 
+@pytest.fixture
+def restored_registry():
+    """The one registry as it was before the test (registrations are global)."""
+    from higher_func._rules._registry import _REGISTRY
+
+    saved = dict(_REGISTRY)
+    yield
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
+
+
+class PlainDifferentiableSGD(hf.optim.DifferentiableOptimizer):
+    def _update(self, grouped_grads, **kwargs):
+        for group, grads in zip(self.param_groups, grouped_grads, strict=True):
+            for j, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
+                if g is not None:
+                    group["params"][j] = p - group["lr"] * g
+
+
+def test_one_registry_serves_register_optim_and_register_rule(restored_registry):
+    class MySGD(torch.optim.SGD):
+        pass
+
+    class SubSGD(MySGD):
+        pass
+
+    net = make_net()
+    drop_in = lambda cls: type(hf.get_diff_optim(cls(net.parameters(), lr=0.1), net.parameters()))  # noqa: E731
+    hf.register_optim(MySGD, PlainDifferentiableSGD)
+    assert drop_in(MySGD) is drop_in(SubSGD) is PlainDifferentiableSGD  # found through the MRO
+    assert hf.optim.rule_factory(SubSGD) is hf.optim.sgd  # the nearest base with a rule
+    assert MySGD not in hf.optim.supported_optimizers()  # a class, not a rule
+    hf.optim.register_rule(MySGD, hf.optim.adam)
+    assert hf.optim.rule_factory(SubSGD) is hf.optim.adam
+    assert drop_in(SubSGD) is PlainDifferentiableSGD  # the rule does not replace the class
+    assert MySGD in hf.optim.supported_optimizers()
+
+
+def test_a_rule_for_a_subclass_takes_precedence_over_its_bases_class(restored_registry):
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    built = []
+
+    def my_adam(**options):
+        built.append(options)
+        return hf.optim.adam(**options)
+
+    net = make_net()
+    hf.optim.register_rule(MyAdam, my_adam)
+    del built[:]  # registering tried it once
+    diffopt = hf.get_diff_optim(MyAdam(net.parameters(), lr=0.1), net.parameters())
+    assert type(diffopt) is hf.optim.DifferentiableRuleOptimizer  # not DifferentiableAdam
+    assert built and built[-1]["lr"] == 0.1
+
+
+def test_opt_mapping_is_higher_s_dict_over_the_one_registry(restored_registry):
+    class MySGD(torch.optim.SGD):
+        pass
+
+    mapping = hf.optim._opt_mapping
+    assert mapping[torch.optim.SGD] is hf.optim.DifferentiableSGD
+    assert torch.optim.RAdam in mapping and MySGD not in mapping
+    mapping[MySGD] = PlainDifferentiableSGD  # what higher's register_optim did
+    net = make_net()
+    diffopt = hf.get_diff_optim(MySGD(net.parameters(), lr=0.1), net.parameters())
+    assert type(diffopt) is PlainDifferentiableSGD and mapping[MySGD] is PlainDifferentiableSGD
+    with pytest.raises(TypeError, match="diff_optim_type must be a subclass"):
+        mapping[MySGD] = int
+    with pytest.raises(TypeError, match="cannot be removed"):
+        del mapping[MySGD]
+
+
+def test_a_subclass_extending_a_built_in_update_keeps_higher_s_protocol():
+    """A class written for higher that subclasses a built-in one and calls super()._update
+    sees its override run, on param_groups[i]['params'], with the built-in numbers."""
+    seen = []
+
+    class LoggedSGD(hf.optim.DifferentiableSGD):
+        def _update(self, grouped_grads, **kwargs):
+            seen.append([len(group["params"]) for group in self.param_groups])
+            super()._update(grouped_grads, **kwargs)
+
+    data = batches(3)
+    results = []
+    for cls in (hf.optim.DifferentiableSGD, LoggedSGD):
+        net = make_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        fmodel = hf.monkeypatch(net)
+        diffopt = cls(opt, net.parameters(), fmodel=fmodel)
+        for x, y in data:
+            new = diffopt.step(mse(fmodel(x), y))
+        assert all(p is q for p, q in zip(diffopt.param_groups[0]["params"], new, strict=True))
+        results.append(new)
+    assert seen == [[6]] * len(data)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["built-in", "written for higher"])
+def test_detach_state_cuts_the_state_s_graph_and_keeps_its_values(kind, restored_registry):
+    hf.register_optim(ScaledMomentum, DifferentiableScaledMomentum)
+    net = make_net()
+    opt = (
+        torch.optim.Adam(net.parameters())
+        if kind == "built-in"
+        else ScaledMomentum(net.parameters())
+    )
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)  # the state records it
+    with hf.innerloop_ctx(net, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+        for x, y in batches(2):
+            diffopt.step(mse(fmodel(x), y))
+        before = [dict(e) for s in diffopt.state for e in s.values()]
+        assert any(t.grad_fn is not None for e in before for t in e.values())
+        diffopt.detach_state()
+        after = [e for s in diffopt.state for e in s.values()]
+    assert all(t.grad_fn is None for e in after for t in e.values())
+    for old, new in zip(before, after, strict=True):
+        for key in old:
+            torch.testing.assert_close(new[key], old[key].detach(), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- constructors
 
 

@@ -12,8 +12,8 @@ from torch import nn
 
 import higher_func as hf
 from higher_func import _execution
-from higher_func._diffopt import _FlatState
 from higher_func._execution import Plan, plan
+from higher_func._flat_groups import _FlatState
 from higher_func._versions import COMPILED_INNER_LOOPS
 
 from torch_versions import needs_torch

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 import higher_func as hf
-from higher_func._diffopt import _FlatState
+from higher_func._flat_groups import _FlatState
 
 from optimizer_cases import CASES, OPTION_CASES, OPTION_IDS, OptimizerCase
 

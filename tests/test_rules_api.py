@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -360,6 +361,22 @@ def test_registry_covers_the_torch_optimizers() -> None:
     for case in CASES:
         assert case.torch_class in supported
         assert hf.optim.rule_factory(case.torch_class) is case.factory
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_defaults_are_written_once_in_the_factory_signature(case: OptimizerCase) -> None:
+    """A rule's defaults are its factory's keyword defaults (plus AdamW's fixed decoupling),
+    and each equals torch.optim's default for the option where torch has one."""
+    signature = inspect.signature(case.factory).parameters
+    written = {n: p.default for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
+    built = case.factory().hyperparameters
+    assert {k: built[k] for k in written} == written
+    assert set(built) - set(written) <= {"decoupled_weight_decay"}
+    torch_signature = inspect.signature(case.torch_class).parameters
+    for name, value in written.items():
+        torch_default = torch_signature[name].default if name in torch_signature else None
+        if torch_default is not None and torch_default is not inspect.Parameter.empty:
+            assert torch_default == value, name
 
 
 def test_register_rule_validates_and_registers() -> None:

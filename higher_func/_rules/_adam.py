@@ -119,21 +119,10 @@ def _validate_adamw(hp: Hyperparameters) -> None:
         )
 
 
-_ADAM_DEFAULTS = {
-    "lr": 1e-3,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "amsgrad": False,
-    "maximize": False,
-    "decoupled_weight_decay": False,
-}
-
 ADAM = RuleSpec(
     name="adam",
     torch_class=torch.optim.Adam,
     state_type=AdamState,
-    defaults=_ADAM_DEFAULTS,
     fields=_fields,
     init=_init,
     update=_update,
@@ -146,7 +135,7 @@ ADAMW = RuleSpec(
     name="adamw",
     torch_class=torch.optim.AdamW,
     state_type=AdamState,
-    defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    defaults={"decoupled_weight_decay": True},  # fixed: adamw() has no such option
     fields=_fields,
     init=_init,
     update=_update,

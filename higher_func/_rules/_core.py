@@ -8,6 +8,7 @@ hyperparameters, step-time overrides and the error messages for bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,9 +45,14 @@ class RuleSpec:
 
     Attributes:
         name: the factory's name (``"adam"``).
-        torch_class: the ``torch.optim`` class whose math the rule reproduces, if any.
+        torch_class: the ``torch.optim`` class whose math the rule reproduces, if any (the
+            built-in rules are registered for theirs; a rule of one's own is registered with
+            :func:`higher_func.optim.register_rule`).
         state_type: a ``NamedTuple`` class; its fields are ``torch.optim``'s state keys.
-        defaults: every math option with ``torch.optim``'s default.
+        defaults: every math option with ``torch.optim``'s default (keyword only).  The
+            built-in rules write their defaults once, in their factory's signature; their
+            specs give only what the factory does not take (AdamW's fixed
+            ``decoupled_weight_decay=True``), and the factory completes them.
         fields: given the hyperparameters, the state fields this rule keeps (the others are
             ``None`` in the state), e.g. no ``momentum_buffer`` when ``momentum == 0``.
         init: per-tensor ``(param, hp) -> {field: tensor}``.
@@ -83,7 +89,6 @@ class RuleSpec:
     name: str
     torch_class: type | None
     state_type: type
-    defaults: Mapping[str, Any]
     fields: Callable[[Hyperparameters], tuple[str, ...]]
     init: InitFn
     update: UpdateFn
@@ -93,6 +98,7 @@ class RuleSpec:
     import_state: Callable[[Mapping[str, Any], dict[str, Tensor]], dict[str, Tensor]] | None = None
     elementwise: bool = False
     sparse_grads: bool = False
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict, kw_only=True)
 
 
 class Rule:

@@ -11,15 +11,13 @@ the drop-in optimizers use) selects which ops a step runs; see ``_math.py``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
-from ._adagrad import ADADELTA, ADAGRAD
-from ._adam import ADAM, ADAMW
-from ._adam_variants import ADAMAX, NADAM, RADAM
-from ._asgd import ASGD
-from ._core import Rule, build_rule
-from ._rmsprop import RMSPROP, RPROP
-from ._sgd import SGD
+from . import _adagrad, _adam, _adam_variants, _asgd, _rmsprop, _sgd
+from ._core import Rule, RuleSpec, build_rule
 
 Number = Any  # a float, a tensor, or a dict of per-parameter values
 
@@ -341,3 +339,47 @@ def radam(
         tensor([-0.1000])
     """
     return build_rule(RADAM, _options(locals()))
+
+
+# --------------------------------------------------------------------------- the specs
+
+
+def _with_signature_defaults(spec: RuleSpec, factory: Callable[..., Rule]) -> RuleSpec:
+    """``spec`` with the defaults of ``factory``'s keyword arguments, written once, there
+    (then those the spec fixes itself, which the factory does not take)."""
+    parameters = inspect.signature(factory).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
+    return dataclasses.replace(spec, defaults={**defaults, **spec.defaults})
+
+
+SGD = _with_signature_defaults(_sgd.SGD, sgd)
+ADAM = _with_signature_defaults(_adam.ADAM, adam)
+ADAMW = _with_signature_defaults(_adam.ADAMW, adamw)
+ADAGRAD = _with_signature_defaults(_adagrad.ADAGRAD, adagrad)
+ADADELTA = _with_signature_defaults(_adagrad.ADADELTA, adadelta)
+ADAMAX = _with_signature_defaults(_adam_variants.ADAMAX, adamax)
+ASGD = _with_signature_defaults(_asgd.ASGD, asgd)
+RMSPROP = _with_signature_defaults(_rmsprop.RMSPROP, rmsprop)
+RPROP = _with_signature_defaults(_rmsprop.RPROP, rprop)
+NADAM = _with_signature_defaults(_adam_variants.NADAM, nadam)
+RADAM = _with_signature_defaults(_adam_variants.RADAM, radam)
+
+#: The built-in rules by the ``torch.optim`` class whose math they reproduce (each spec's
+#: ``torch_class``): what the registry starts from.
+BUILT_IN: dict[type, Callable[..., Rule]] = {
+    spec.torch_class: factory
+    for spec, factory in (
+        (SGD, sgd),
+        (ADAM, adam),
+        (ADAMW, adamw),
+        (ADAGRAD, adagrad),
+        (ADADELTA, adadelta),
+        (ADAMAX, adamax),
+        (ASGD, asgd),
+        (RMSPROP, rmsprop),
+        (RPROP, rprop),
+        (NADAM, nadam),
+        (RADAM, radam),
+    )
+    if spec.torch_class is not None
+}

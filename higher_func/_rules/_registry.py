@@ -1,4 +1,11 @@
-"""Which rule reproduces which ``torch.optim`` class, and importing a live optimizer."""
+"""The one registry of ``torch.optim`` classes, and importing a live optimizer as rules.
+
+Each registered optimizer class has a :class:`Registration`: the factory of the pure rule
+with its math (:func:`register_rule`) and, optionally, the differentiable class of the
+drop-in API (:func:`higher_func.register_optim`; without one, the rule-backed class runs the
+rule).  Lookups walk the class's method resolution order, so ``class MyAdam(torch.optim.Adam)``
+is served by Adam's entry, and an unknown class gets the same error from every entry point.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +13,34 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import Tensor, nn
 
 from .._errors import unsupported_optimizer
+from .._torch_state import import_state
 from . import _factories as f
-from ._core import Rule, _assemble_state
+from ._core import Rule
 from ._math import TORCH
+from ._protocol import UpdateRule
 
-RuleFactory = Callable[..., Rule]
+RuleFactory = Callable[..., UpdateRule]
 
-#: ``torch.optim`` class -> factory of the rule with the same math.
-_REGISTRY: dict[type, RuleFactory] = {
-    torch.optim.SGD: f.sgd,
-    torch.optim.Adam: f.adam,
-    torch.optim.AdamW: f.adamw,
-    torch.optim.Adagrad: f.adagrad,
-    torch.optim.Adadelta: f.adadelta,
-    torch.optim.Adamax: f.adamax,
-    torch.optim.ASGD: f.asgd,
-    torch.optim.RMSprop: f.rmsprop,
-    torch.optim.Rprop: f.rprop,
-    torch.optim.NAdam: f.nadam,
-    torch.optim.RAdam: f.radam,
+
+class Registration(NamedTuple):
+    """What is registered for one ``torch.optim`` class (``None``: nothing of that kind)."""
+
+    factory: RuleFactory | None
+    differentiable_class: type | None = None
+
+
+#: ``torch.optim`` class -> its registration; the differentiable classes of the built-in
+#: rules are added where they are defined (``_rule_optimizer.py``).
+_REGISTRY: dict[type, Registration] = {
+    klass: Registration(factory) for klass, factory in f.BUILT_IN.items()
 }
 
-#: The factories defined here (they take ``arithmetic=`` like any option).
-_BUILT_IN_FACTORIES = frozenset(_REGISTRY.values())
+#: The factories of ``_factories.py`` (they take ``arithmetic=`` like any option).
+_BUILT_IN_FACTORIES = frozenset(f.BUILT_IN.values())
 
 #: Keys that torch's learning-rate schedulers and named parameters add to a group.
 _BOOKKEEPING_KEYS = frozenset(
@@ -61,7 +68,34 @@ def supported_optimizers() -> tuple[type, ...]:
         >>> torch.optim.RAdam in hf.optim.supported_optimizers()
         True
     """
-    return tuple(_REGISTRY)
+    return tuple(k for k, r in _REGISTRY.items() if r.factory is not None)
+
+
+def registration(optimizer_class: type, *, rule: bool = False) -> Registration:
+    """The registration serving ``optimizer_class``: that of its nearest base (in method
+    resolution order) with one; with ``rule=True``, the nearest with a rule factory.
+
+    Raises the ``ValueError`` :data:`~higher_func._errors.UNSUPPORTED_OPTIMIZER` (listing
+    what is registered) when there is none.
+    """
+    for klass in optimizer_class.__mro__:
+        found = _REGISTRY.get(klass)
+        if found is not None and (found.factory is not None or not rule):
+            return found
+    supported = supported_optimizers() if rule else tuple(_REGISTRY)
+    raise unsupported_optimizer(optimizer_class, supported)
+
+
+def differentiable_classes() -> dict[type, type]:
+    """``{torch class: differentiable class}`` for every class registered with one."""
+    return {k: r.differentiable_class for k, r in _REGISTRY.items() if r.differentiable_class}
+
+
+def register_differentiable_class(optimizer_class: type, differentiable_class: type) -> None:
+    """Record ``differentiable_class`` for ``optimizer_class`` (checked by the caller,
+    :func:`higher_func.register_optim`); a rule registered for it stays."""
+    factory = _REGISTRY.get(optimizer_class, Registration(None)).factory
+    _REGISTRY[optimizer_class] = Registration(factory, differentiable_class)
 
 
 def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
@@ -79,11 +113,9 @@ def rule_factory(optimizer_class: type, arithmetic: str = TORCH) -> RuleFactory:
         >>> hf.optim.rule_factory(MyAdam)(lr=0.1).name
         'adam'
     """
-    for klass in optimizer_class.__mro__:
-        if klass in _REGISTRY:
-            factory = _REGISTRY[klass]
-            return factory if arithmetic == TORCH else _with_arithmetic(factory, arithmetic)
-    raise unsupported_optimizer(optimizer_class, _REGISTRY)
+    factory = registration(optimizer_class, rule=True).factory
+    assert factory is not None
+    return factory if arithmetic == TORCH else _with_arithmetic(factory, arithmetic)
 
 
 @functools.cache
@@ -91,7 +123,7 @@ def _with_arithmetic(factory: RuleFactory, arithmetic: str) -> RuleFactory:
     """``factory`` building its rules with ``arithmetic`` (one wrapper per pair, so callers
     may cache by factory)."""
 
-    def build(**options: Any) -> Rule:
+    def build(**options: Any) -> UpdateRule:
         if factory in _BUILT_IN_FACTORIES:
             return factory(**options, arithmetic=arithmetic)
         rule = factory(**options)  # a registered factory of one's own
@@ -108,6 +140,8 @@ def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
     and must return a rule with ``init(params)`` and ``step(params, grads, state)``.  It is
     validated here by building a rule from its defaults and stepping a one-element
     parameter once, so a broken rule fails at registration, not in a training loop.
+    A differentiable class registered for the same class (:func:`higher_func.register_optim`)
+    stays the drop-in's choice.
 
     Example:
         >>> import torch, higher_func as hf
@@ -143,7 +177,8 @@ def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
             f"factory for {optimizer_class.__name__}: step must return (params, state) with "
             f"params keyed like its input, got {type(new_params).__name__}."
         )
-    _REGISTRY[optimizer_class] = factory
+    kept = _REGISTRY.get(optimizer_class, Registration(None)).differentiable_class
+    _REGISTRY[optimizer_class] = Registration(factory, kept)
 
 
 class ImportedGroup(NamedTuple):
@@ -167,7 +202,7 @@ class ImportedGroup(NamedTuple):
         tensor([0.])
     """
 
-    rule: Rule
+    rule: UpdateRule
     names: tuple[Any, ...]
     state: Any
 
@@ -249,38 +284,3 @@ def group_keys(
             names.append(key_by_id[id(p)])
         keys.append(names)
     return keys
-
-
-def import_state(
-    rule: Rule, params: dict[Any, Tensor], torch_states: Mapping[Any, Mapping[str, Any]]
-) -> Any:
-    """The rule's state for ``params`` from ``torch.optim`` per-parameter state dicts.
-
-    ``torch_states`` maps each key of ``params`` to its ``optimizer.state[p]`` (empty where
-    the optimizer has not stepped that parameter yet).
-    """
-    if not any(torch_states.values()):
-        return rule.init(params)
-    spec = getattr(rule, "spec", None)
-    if spec is None:
-        raise TypeError(
-            f"{rule!r} is not built from a RuleSpec, so torch.optim state cannot be imported "
-            f"into it. Use a fresh optimizer, or build the rule with higher_func.optim.make_rule."
-        )
-    treespec: Any = optree.tree_structure(params, none_is_leaf=True)  # type: ignore[arg-type]
-    names: list[Any] = treespec.flatten_up_to({name: name for name in params})
-    per_leaf = []
-    for name in names:
-        p, torch_state = params[name], torch_states.get(name, {})
-        fresh = spec.init(p.detach(), rule.hyperparameters)
-        if spec.import_state is not None:
-            entry = spec.import_state(torch_state, fresh)
-        else:
-            entry = {k: torch_state.get(k, v) for k, v in fresh.items()}
-        per_leaf.append({k: _detached_like(v, fresh[k]) for k, v in entry.items()})
-    return _assemble_state(spec.state_type, spec.fields(rule.hyperparameters), per_leaf, treespec)
-
-
-def _detached_like(value: Any, reference: Tensor) -> Tensor:
-    value = torch.as_tensor(value)
-    return value.detach().to(device=reference.device, dtype=reference.dtype).clone()
