@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp
 
+from ._rules._protocol import spec_of
 from ._versions import RECOMPUTE_UNDER_VMAP, require_torch
 
 __all__ = ["inner_step", "recomputed_inner_loop"]
@@ -315,14 +316,13 @@ def _step_vjp(
 
 def _lift_rule_tensors(rule: Any, overrides: Mapping[str, Any]) -> Mapping[str, Any]:
     """The rule's own tensor hyperparameters as overrides, so that they receive gradients."""
-    spec = getattr(rule, "spec", None)
-    own = getattr(rule, "hyperparameters", None)
-    if spec is None or not isinstance(own, Mapping):
-        return overrides
+    spec = spec_of(rule)
+    if spec is None:
+        return overrides  # a rule of one's own design (or an optimizer's groups): as given
     fixed = set(spec.static) | set(spec.init_only)
     lifted = {
         key: value
-        for key, value in own.items()
+        for key, value in rule.hyperparameters.items()
         if key not in fixed and any(isinstance(x, Tensor) for x in optree.tree_leaves(value))
     }
     return {**lifted, **overrides} if lifted else overrides
