@@ -22,7 +22,7 @@ from ._errors import unknown_override
 from ._execution import Plan, plan
 from ._hyperparams import Override, Schedule, check_options_supported, option_names
 from ._rules._protocol import UpdateRule, spec_of
-from ._rules._registry import register_differentiable_class, rule_factory
+from ._rules._registry import recent_rule, register_differentiable_class, rule_factory
 from ._torch_state import DeferredImport, imported_group_state, torch_style_state
 
 __all__ = [
@@ -178,7 +178,7 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
             }
             deferred = DeferredImport(torch_group, torch_states, {k: reference[k] for k in indices})
             try:
-                rule = self._factory(**options)
+                rule = recent_rule(self._factory, options)
             except (TypeError, ValueError) as error:
                 # torch.optim validates constructor arguments only: programs keep values in
                 # param_groups that they replace before every step (a log-scale weight
