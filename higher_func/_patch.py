@@ -97,7 +97,8 @@ def _build(
     warn_parameters_in_plain_containers(walk)
     memo: dict[int, Any] = {}
     originals: list[Tensor] = []
-    for name, _, _, param in _occurrences(walk):
+    occurrences = list(_occurrences(walk))
+    for name, _, _, param in occurrences:
         if id(param) not in memo:
             _check_has_data(name, param, device)
             memo[id(param)] = initial(param)
@@ -109,7 +110,7 @@ def _build(
                 memo[id(buffer)] = _to(buffer.detach(), device)
     private = _copy_structure(module, memo, walk)
     try:
-        layout = _Layout(module, copies=memo, walk=walk)  # the original's walk, on the copy
+        layout = _Layout(module, copies=memo, occurrences=occurrences)  # on the copy
         copies = [memo[id(submodule)] for _, submodule in walk]
     except KeyError:  # a class whose own __deepcopy__ bypasses the memo: walk the copy
         layout = _Layout(private)
