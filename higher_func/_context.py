@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._constructors import get_diff_optim
 from ._diffopt import DifferentiableOptimizer, GradCallback
 from ._hyperparams import Override, Schedule
-from ._patch import FunctionalModule, monkeypatch
+from ._patch import FunctionalModule, _monkeypatched
 from ._torch_state import write_state
 
 __all__ = [
@@ -98,9 +98,7 @@ def innerloop_ctx(
             "copy_initial_weights=False."
         )
     tracked = track_higher_grads and not first_order
-    fmodel = monkeypatch(
-        model, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=tracked
-    )
+    fmodel, parameters = _monkeypatched(model, device, copy_initial_weights, tracked)
     extras: dict[str, Any] = {}
     if schedule is not None:
         extras["schedule"] = schedule
@@ -108,7 +106,7 @@ def innerloop_ctx(
         extras["grad_callback"] = grad_callback
     diffopt = get_diff_optim(
         opt,
-        model.parameters(),
+        parameters,
         fmodel=fmodel,
         device=device,
         override=override,

@@ -92,20 +92,28 @@ def warn_parameters_in_plain_containers(walk: Iterable[tuple[str, nn.Module]]) -
     """Warn (:data:`STALE_CONTAINER`) for each module attribute that is a plain list, tuple
     or dict holding one of the model's parameters: its fast weights would go stale."""
     walk = list(walk)
-    names = {
-        id(tensor): (f"{prefix}.{key}" if prefix else key)
-        for prefix, owner in walk
-        for key, tensor in owner._parameters.items()
-        if tensor is not None
-    }
+    names: dict[int, str] | None = None  # parameter names, made on the first container
     for prefix, owner in walk:
+        fields = owner.__dict__
         # torch's own private lists are kept in sync by torch (RNNs' ``_flat_weights``).
         from_torch = type(owner).__module__.startswith("torch.")
-        for attribute, value in owner.__dict__.items():
-            if attribute in _MODULE_FIELDS or (from_torch and attribute.startswith("_")):
-                continue
-            if not isinstance(value, list | tuple | dict):
-                continue
+        extra = [
+            attribute
+            for attribute in fields.keys() - _MODULE_FIELDS
+            if isinstance(fields[attribute], list | tuple | dict)
+            and not (from_torch and attribute.startswith("_"))
+        ]
+        if not extra:
+            continue  # most modules: no container besides nn.Module's own
+        if names is None:
+            names = {
+                id(tensor): (f"{p}.{key}" if p else key)
+                for p, module in walk
+                for key, tensor in module._parameters.items()
+                if tensor is not None
+            }
+        for attribute in sorted(extra, key=list(fields).index):  # in attribute order
+            value = fields[attribute]
             items = value.values() if isinstance(value, Mapping) else value
             for item in items:
                 name = names.get(id(item)) if isinstance(item, nn.Parameter) else None

@@ -18,15 +18,12 @@ import torch
 from torch import Tensor
 
 from ._rules._core import IMPLEMENTATION_FLAGS
-from ._rules._registry import _BOOKKEEPING_KEYS
+from ._rules._registry import _BOOKKEEPING_KEYS, is_immutable
 
 __all__ = ["apply_trainable_opt_params", "get_trainable_opt_params"]
 
 Override = Mapping[str, Sequence[Any]]
 Schedule = Mapping[str, Callable[[int], Any] | Sequence[Callable[[int], Any]]]
-
-#: Hyperparameter values that hold no tensor (kept as they are, without a tree walk).
-_PLAIN_VALUES = frozenset({type(None), bool, int, float, str})
 
 
 def snapshot_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +34,7 @@ def snapshot_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
         return x.detach().clone() if isinstance(x, Tensor) and not x.requires_grad else x
 
     return {
-        k: v if type(v) in _PLAIN_VALUES else optree.tree_map(leaf, v)
+        k: v if is_immutable(v) else optree.tree_map(leaf, v)
         for k, v in group.items()
         if k != "params"
     }

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._module_copy import _occurrences, _walk
+from ._module_copy import Occurrence, _occurrences, _walk
 
 __all__: list[str] = []  # private helpers of the fmodel
 
@@ -41,15 +41,18 @@ class _Layout:
         root: _Layout | None = None,
         prefix: str = "",
         copies: Mapping[int, Any] | None = None,
-        walk: list[tuple[str, nn.Module]] | None = None,
+        occurrences: Iterable[Occurrence] | None = None,
     ) -> None:
         """The layout of ``module``, or of its copy: with ``copies``, each submodule ``m``
-        (listed by ``walk``, ``_walk(module)``) stands for ``copies[id(m)]``."""
+        (the owners in ``occurrences``, ``_occurrences(_walk(module))``) stands for
+        ``copies[id(m)]``."""
         names: list[str] = []
         slots: list[Slot] = []
         index_of: dict[str, int] = {}
         index_by_id: dict[int, int] = {}
-        for name, owner, key, tensor in _occurrences(walk or _walk(module)):
+        if occurrences is None:
+            occurrences = _occurrences(_walk(module))
+        for name, owner, key, tensor in occurrences:
             index = index_by_id.setdefault(id(tensor), len(names))
             if index == len(names):
                 names.append(name)

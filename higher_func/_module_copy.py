@@ -27,7 +27,11 @@ def _walk(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(module.named_modules(remove_duplicate=False))
 
 
-def _occurrences(walk: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+#: ``(name, owner, key, tensor)``: one parameter slot ``owner._parameters[key]`` of a module.
+Occurrence = tuple[str, nn.Module, str, Tensor]
+
+
+def _occurrences(walk: list[tuple[str, nn.Module]]) -> Iterator[Occurrence]:
     """``(name, owner, key, tensor)`` for every parameter occurrence, in the order of
     ``module.named_parameters(remove_duplicate=False)`` (which walks the same way)."""
     for prefix, owner in walk:

@@ -87,16 +87,22 @@ def _check_has_data(name: str, tensor: Tensor, device: torch.device | None) -> N
 
 def _build(
     module: nn.Module, initial: InitialFn, device: torch.device | None, track: bool
-) -> FunctionalModule:
-    """Copy ``module``'s structure with ``initial(p)`` in every parameter slot."""
+) -> tuple[FunctionalModule, list[Tensor]]:
+    """Copy ``module``'s structure with ``initial(p)`` in every parameter slot.
+
+    Returns the fmodel and ``list(module.parameters())`` (the originals of its fast weights,
+    in order), read from the walk when ``module`` lists its parameters as ``nn.Module`` does."""
     _check_module(module)
     walk = _walk(module)
     warn_parameters_in_plain_containers(walk)
     memo: dict[int, Any] = {}
-    for name, _, _, param in _occurrences(walk):
+    originals: list[Tensor] = []
+    occurrences = list(_occurrences(walk))
+    for name, _, _, param in occurrences:
         if id(param) not in memo:
             _check_has_data(name, param, device)
             memo[id(param)] = initial(param)
+            originals.append(param)
     for prefix, owner in walk:
         for key, buffer in owner._buffers.items():
             if buffer is not None and id(buffer) not in memo:
@@ -104,13 +110,50 @@ def _build(
                 memo[id(buffer)] = _to(buffer.detach(), device)
     private = _copy_structure(module, memo, walk)
     try:
-        layout = _Layout(module, copies=memo, walk=walk)  # the original's walk, on the copy
+        layout = _Layout(module, copies=memo, occurrences=occurrences)  # on the copy
         copies = [memo[id(submodule)] for _, submodule in walk]
     except KeyError:  # a class whose own __deepcopy__ bypasses the memo: walk the copy
         layout = _Layout(private)
         copies = list(private.modules())
     attends = any_may_attend(copies)
-    return FunctionalModule._wrap(private, _Core(private, track, layout, attends))
+    fmodel = FunctionalModule._wrap(private, _Core(private, track, layout, attends))
+    if not _lists_parameters_like_torch(walk):
+        originals = list(module.parameters())
+    return fmodel, originals
+
+
+def _lists_parameters_like_torch(walk: list[tuple[str, nn.Module]]) -> bool:
+    """Whether ``root.parameters()`` is ``nn.Module``'s walk, so that it lists the distinct
+    parameters of ``_occurrences(walk)`` in order (``walk[0]`` is the root)."""
+    root = type(walk[0][1])
+    return (
+        root.parameters is nn.Module.parameters
+        and root.named_parameters is nn.Module.named_parameters
+        and root._named_members is nn.Module._named_members
+        and all(type(m).named_modules is nn.Module.named_modules for _, m in walk)
+    )
+
+
+def _monkeypatched(
+    module: nn.Module, device: DeviceLike, copy_initial_weights: bool, track_higher_grads: bool
+) -> tuple[FunctionalModule, list[Tensor]]:
+    """:func:`monkeypatch`'s fmodel and ``module``'s parameters (see :func:`_build`)."""
+    if not isinstance(copy_initial_weights, bool):
+        raise TypeError(
+            f"copy_initial_weights must be a bool, got {type(copy_initial_weights).__name__}."
+        )
+    if not isinstance(track_higher_grads, bool):
+        raise TypeError(
+            f"track_higher_grads must be a bool, got {type(track_higher_grads).__name__}."
+        )
+    target = _resolve_device(device)
+
+    def initial(param: Tensor) -> Tensor:
+        if copy_initial_weights:
+            return _to(param.detach(), target).requires_grad_(param.requires_grad)
+        return _to(param, target)
+
+    return _build(module, initial, target, track_higher_grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,22 +189,7 @@ def monkeypatch(
         >>> model.weight.grad
         tensor([[2., 2., 2.]])
     """
-    if not isinstance(copy_initial_weights, bool):
-        raise TypeError(
-            f"copy_initial_weights must be a bool, got {type(copy_initial_weights).__name__}."
-        )
-    if not isinstance(track_higher_grads, bool):
-        raise TypeError(
-            f"track_higher_grads must be a bool, got {type(track_higher_grads).__name__}."
-        )
-    target = _resolve_device(device)
-
-    def initial(param: Tensor) -> Tensor:
-        if copy_initial_weights:
-            return _to(param.detach(), target).requires_grad_(param.requires_grad)
-        return _to(param, target)
-
-    return _build(module, initial, target, track_higher_grads)
+    return _monkeypatched(module, device, copy_initial_weights, track_higher_grads)[0]
 
 
 def make_functional(
@@ -192,7 +220,7 @@ def make_functional(
         >>> torch.equal(fmodel(x), model(x)), weight.data_ptr() == model.weight.data_ptr()
         (True, True)
     """
-    fmodel = _build(module, Tensor.detach, None, True)
+    fmodel, _ = _build(module, Tensor.detach, None, True)
     if encapsulator is not None:
         encapsulator(fmodel, module)
     return fmodel

@@ -22,7 +22,7 @@ from ._errors import unknown_override
 from ._execution import Plan, plan
 from ._hyperparams import Override, Schedule, check_options_supported, option_names
 from ._rules._protocol import UpdateRule, spec_of
-from ._rules._registry import register_differentiable_class, rule_factory
+from ._rules._registry import recent_rule, register_differentiable_class, rule_factory
 from ._torch_state import DeferredImport, imported_group_state, torch_style_state
 
 __all__ = [
@@ -168,17 +168,13 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self._states: list[Any] = []
         #: Per group whose rule is not built yet: what its torch state import needs.
         self._deferred: dict[int, DeferredImport] = {}
-        for i, (group, torch_group, indices) in enumerate(
-            zip(self.param_groups, other.param_groups, self._group_to_param_list, strict=True)
+        stepped = bool(other.state)  # else no group has torch state to import (the usual case)
+        for i, (group, indices) in enumerate(
+            zip(self.param_groups, self._group_to_param_list, strict=True)
         ):
             options = self._options(group)
-            torch_states = {
-                k: other.state.get(p, {})
-                for k, p in zip(indices, torch_group["params"], strict=True)
-            }
-            deferred = DeferredImport(torch_group, torch_states, {k: reference[k] for k in indices})
             try:
-                rule = self._factory(**options)
+                rule = recent_rule(self._factory, options)
             except (TypeError, ValueError) as error:
                 # torch.optim validates constructor arguments only: programs keep values in
                 # param_groups that they replace before every step (a log-scale weight
@@ -186,11 +182,15 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
                 # an override is asked for now, so a bad one fails now.
                 self._raise_if_override_is_bad(options, error)
                 rule = None
-                self._deferred[i] = deferred.copied()
+                self._deferred[i] = _deferred_import(other, i, indices, reference).copied()
             self._rules.append(rule)
             self._built_from.append(options)
             self._states.append(
-                None if rule is None else imported_group_state(rule, deferred, self._device)
+                None
+                if rule is None or not stepped
+                else imported_group_state(
+                    rule, _deferred_import(other, i, indices, reference), self._device
+                )
             )
 
     def _current_rule(self, i: int, params: list[Tensor]) -> tuple[UpdateRule, Any]:
@@ -243,6 +243,17 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
 
     def _options(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in group.items() if k in self._option_names}
+
+
+def _deferred_import(
+    other: torch.optim.Optimizer, i: int, indices: list[int], reference: list[Tensor]
+) -> DeferredImport:
+    """What importing group ``i`` of ``other``'s state needs (its torch state per index)."""
+    torch_group = other.param_groups[i]
+    torch_states = {
+        k: other.state.get(p, {}) for k, p in zip(indices, torch_group["params"], strict=True)
+    }
+    return DeferredImport(torch_group, torch_states, {k: reference[k] for k in indices})
 
 
 def _is_tensor(value: Any) -> bool:

@@ -130,7 +130,55 @@ def _with_arithmetic(factory: RuleFactory, arithmetic: str) -> RuleFactory:
         return Rule(rule.spec, rule.hyperparameters, arithmetic) if type(rule) is Rule else rule
 
     build.__name__ = getattr(factory, "__name__", "factory")
+    if factory in _BUILT_IN_FACTORIES:
+        _PURE_FACTORIES.add(build)
     return build
+
+
+#: Hyperparameter values a rule may be reused for: immutable, so the same object is the same
+#: value (numbers, bools, strings, ``None``, and tuples of those such as Adam's ``betas``; a
+#: tensor can change in place).
+_IMMUTABLE_VALUES = frozenset({type(None), bool, int, float, str})
+
+
+def is_immutable(value: Any) -> bool:
+    """Whether ``value`` is immutable and holds no tensor (kept as it is, reused by identity)."""
+    kind = type(value)
+    return kind in _IMMUTABLE_VALUES or (
+        kind is tuple and all(type(item) in _IMMUTABLE_VALUES for item in value)
+    )
+
+
+#: The factories known to be pure (the built-in ones, and their arithmetic variants): the
+#: same options always give an equal :class:`Rule`, and a :class:`Rule` never changes.
+_PURE_FACTORIES: set[RuleFactory] = set(_BUILT_IN_FACTORIES)
+
+#: Per pure factory, the last rules a drop-in optimizer built from immutable options, with
+#: those options (held, so their ids cannot be reused): an optimizer mirrored again for
+#: every task of a meta-batch finds its rules here instead of validating them again.
+_RECENT_RULES: dict[RuleFactory, list[tuple[dict[str, Any], UpdateRule]]] = {}
+_RECENT_RULES_KEPT = 4
+
+
+def recent_rule(factory: RuleFactory, options: dict[str, Any]) -> UpdateRule:
+    """``factory(**options)``, or the rule a pure ``factory`` built before from the very same
+    option objects when all of them are immutable (so they still have the same values).
+
+    For the drop-in optimizers only, which keep their rules private: a rule handed to a user
+    is always a new one.
+    """
+    if factory not in _PURE_FACTORIES or not all(map(is_immutable, options.values())):
+        return factory(**options)
+    recent = _RECENT_RULES.setdefault(factory, [])
+    for built_from, rule in recent:
+        if len(built_from) == len(options) and all(
+            built_from.get(key, built_from) is value for key, value in options.items()
+        ):
+            return rule
+    rule = factory(**options)
+    recent.insert(0, (dict(options), rule))
+    del recent[_RECENT_RULES_KEPT:]
+    return rule
 
 
 def register_rule(optimizer_class: type, factory: RuleFactory) -> None:
