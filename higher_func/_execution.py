@@ -115,6 +115,7 @@ __all__ = [
     "Plan",
     "one_pass_sqrt_pays",
     "forward_ad_active",
+    "group_plan",
     "plan",
     "records",
     "under_transform",
@@ -189,14 +190,13 @@ def plan(
         >>> plan(small).name, plan([t.detach() for t in small]).name
         ('PER_TENSOR', 'FOREACH')
     """
+    if rule is not None:
+        # Nothing recorded: the rule's own step plans foreach.
+        return group_plan(tensors, grads, rule) or Plan.PER_TENSOR
     if len(tensors) < 2 or under_transform() or forward_ad_active():
         return Plan.PER_TENSOR
     if records(tensors):
-        if rule is not None and _flat_pays(rule, tensors, grads):
-            return Plan.FLAT
         return Plan.PER_TENSOR  # the common MAML case, decided without reading the rest
-    if rule is not None:
-        return Plan.PER_TENSOR  # nothing recorded: the rule's own step plans foreach
     if records(others) or records(g for g in grads if g is not None):
         return Plan.PER_TENSOR  # e.g. a learned learning rate: recorded after all
     first = tensors[0]
@@ -205,6 +205,44 @@ def plan(
     if any(t.device != first.device or t.layout != first.layout for t in tensors):
         return Plan.PER_TENSOR
     return Plan.FOREACH
+
+
+def group_plan(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], rule: Any, *, flat: bool = True
+) -> Plan | None:
+    """A differentiable optimizer's plan for one step of a parameter group, or ``None``
+    where the rule's own step must decide (nothing recorded: foreach may pay, which depends
+    on the state and hyperparameters the rule reads).  Made once per group and step and
+    passed down to :meth:`~higher_func._rules._core.Rule.step_list`.
+
+    Args:
+        params: the group's parameters (fast weights).
+        grads: their gradients (``None`` for a parameter left unchanged).
+        rule: the group's rule.
+        flat: whether the group may be stepped :attr:`Plan.FLAT` (the differentiable
+            optimizer's flat groups run only while it keeps the graph).
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> from higher_func._execution import group_plan
+        >>> small = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+        >>> grads = [torch.ones(3), torch.ones(2)]
+        >>> group_plan(small, grads, hf.optim.adam()).name
+        'FLAT'
+        >>> group_plan(small, grads, hf.optim.adam(), flat=False).name
+        'PER_TENSOR'
+        >>> print(group_plan([t.detach() for t in small], grads, hf.optim.adam()))
+        None
+    """
+    if len(params) < 2 or under_transform() or forward_ad_active():
+        return Plan.PER_TENSOR
+    if not records(params):
+        return None
+    if flat and _flat_pays(rule, params, grads):
+        return Plan.FLAT
+    if records(p for p, g in zip(params, grads, strict=False) if g is not None):
+        return Plan.PER_TENSOR  # the common MAML case: what the rule's step would decide
+    return None
 
 
 def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> bool:

@@ -175,19 +175,51 @@ class Rule:
         keeps a momentum buffer while the momentum is 0).
         """
         hyperparameters = self._with_overrides(overrides)
-        if self.arithmetic != TORCH:
-            hyperparameters = {**hyperparameters, ARITHMETIC_KEY: self.arithmetic}
         leaves, treespec = _leaves("params", params)
         grad_leaves = _grads_like(grads, treespec)
+        new_params, state = self._step_leaves(leaves, grad_leaves, state, treespec, hyperparameters)
+        return optree.tree_unflatten(treespec, new_params), state
+
+    def step_list(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        state: Any,
+        plan: _execution.Plan | None,
+    ) -> tuple[list[Tensor], Any]:
+        """:meth:`step` over a list of tensors, with the plan already made: what a
+        differentiable optimizer's group step calls.  ``params`` are tensors (the fast
+        weights), ``grads`` one tensor or ``None`` each (checked here, as in :meth:`step`);
+        ``plan`` is the planner's answer for the group (``None``: decide here).  The new
+        state's fields are lists, as ``step`` would give for a list."""
+        if len(grads) != len(params):
+            _grads_like(grads, _list_spec(len(params)))  # raises, naming the mismatch
+        return self._step_leaves(
+            params, list(grads), state, _list_spec(len(params)), self.hyperparameters, plan
+        )
+
+    def _step_leaves(
+        self,
+        leaves: list[Tensor],
+        grad_leaves: list[Tensor | None],
+        state: Any,
+        treespec: Any,
+        hyperparameters: Hyperparameters,
+        plan: _execution.Plan | None = None,
+    ) -> tuple[list[Tensor], Any]:
+        """The step over flattened leaves (``grad_leaves`` is checked, and may be changed in
+        place); the new parameters as a list of leaves."""
+        if self.arithmetic != TORCH:
+            hyperparameters = {**hyperparameters, ARITHMETIC_KEY: self.arithmetic}
         self._check_grads(leaves, grad_leaves, treespec)
         fields = self.spec.fields(hyperparameters)
         columns = _state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
         shared = _is_shared(hyperparameters)
-        if shared and self._plan(leaves, active, grad_leaves, columns, hyperparameters) is (
-            _execution.Plan.FOREACH
-        ):
+        if plan is None and shared:
+            plan = self._plan(leaves, active, grad_leaves, columns, hyperparameters)
+        if shared and plan is _execution.Plan.FOREACH:
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
@@ -205,8 +237,9 @@ class Rule:
                 if shared
                 else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
             )
+            update = self.spec.update
             for i in active:
-                p, s = self.spec.update(
+                p, s = update(
                     leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
                 )
                 new_params[i] = p
@@ -215,10 +248,14 @@ class Rule:
         if _may_broadcast(hyperparameters):
             _check_shapes_kept(leaves, new_params, active, treespec)
         if new_columns:
+            is_list = treespec is _list_spec(len(leaves))
             state = state._replace(
-                **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
+                **{
+                    f: c if is_list else optree.tree_unflatten(treespec, c)
+                    for f, c in new_columns.items()
+                }
             )
-        return optree.tree_unflatten(treespec, new_params), state
+        return new_params, state
 
     def _check_grads(self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any) -> None:
         """Each gradient shaped and typed like its parameter (sparse ones densified where
@@ -374,6 +411,9 @@ def _state_columns(
     columns = {}
     for field in fields:
         tree = getattr(state, field)
+        if type(tree) is list and treespec is _list_spec(len(tree)):
+            columns[field] = tree  # a list state of a list of params: no tree walk
+            continue
         if tree is None:
             raise ValueError(
                 f"state.{field} is None but these hyperparameters need it. Build the state "
