@@ -208,7 +208,12 @@ def plan(
 
 
 def group_plan(
-    params: Sequence[Tensor], grads: Sequence[Tensor | None], rule: Any, *, flat: bool = True
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    rule: Any,
+    *,
+    flat: bool = True,
+    flat_before: bool = False,
 ) -> Plan | None:
     """A differentiable optimizer's plan for one step of a parameter group, or ``None``
     where the rule's own step must decide (nothing recorded: foreach may pay, which depends
@@ -221,6 +226,9 @@ def group_plan(
         rule: the group's rule.
         flat: whether the group may be stepped :attr:`Plan.FLAT` (the differentiable
             optimizer's flat groups run only while it keeps the graph).
+        flat_before: ``params`` are the views cut by the group's last step, which ran
+            :attr:`Plan.FLAT` with this same ``rule``: what decided it for the rule and the
+            weights still holds, and only the gradients are checked again.
 
     Example:
         >>> import torch, higher_func as hf
@@ -238,15 +246,16 @@ def group_plan(
         return Plan.PER_TENSOR
     if not records(params):
         return None
-    if flat and _flat_pays(rule, params, grads):
+    if flat and (flat_before or _flat_suits(rule, params)) and _grads_fit(params, grads):
         return Plan.FLAT
     if records(p for p, g in zip(params, grads, strict=False) if g is not None):
         return Plan.PER_TENSOR  # the common MAML case: what the rule's step would decide
     return None
 
 
-def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> bool:
-    """Whether a recorded step of a whole group may, and should, run on one flat tensor."""
+def _flat_suits(rule: Any, params: Sequence[Tensor]) -> bool:
+    """Whether a recorded step of a whole group may, and should, run on one flat tensor, as
+    far as the rule and the weights tell (:func:`_grads_fit` checks the gradients)."""
     spec = getattr(rule, "spec", None)
     if spec is None or not spec.elementwise:
         return False
@@ -257,13 +266,11 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
         return False
     if not all(p.is_contiguous() for p in params):
         return False  # e.g. channels_last weights: the views would be contiguous instead
-    for t in (*params, *grads):
+    for t in params:
         if not isinstance(t, Tensor) or t.layout != torch.strided:
             return False
         if t.dtype != first.dtype or t.device != first.device:
             return False
-    if any(g.shape != p.shape for p, g in zip(params, grads, strict=True)):
-        return False  # the per-parameter step names the gradient of the wrong shape
     if first.device.type == "cpu":
         size = sum(p.numel() for p in params) * first.element_size()
         if size > FLAT_MAX_BYTES or size > FLAT_MAX_MEAN_BYTES * len(params):
@@ -273,3 +280,16 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
         return False  # per-parameter values: each parameter needs its own
     leaves: list[Any] = optree.tree_leaves(list(values), none_is_leaf=True)  # type: ignore[arg-type]
     return all(not isinstance(v, Tensor) or v.dim() == 0 for v in leaves)
+
+
+def _grads_fit(params: Sequence[Tensor], grads: Sequence[Any]) -> bool:
+    """Whether every gradient is a dense tensor of its weight's shape, dtype and device (the
+    per-parameter step names a gradient that is not)."""
+    first = params[0]
+    dtype, device = first.dtype, first.device
+    for p, g in zip(params, grads, strict=True):
+        if not isinstance(g, Tensor) or g.layout != torch.strided:
+            return False
+        if g.dtype != dtype or g.device != device or g.shape != p.shape:
+            return False
+    return True

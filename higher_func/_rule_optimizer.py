@@ -142,8 +142,10 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self, i: int, params: list[Tensor], grads: list[Tensor | None], flat_grad: Tensor | None
     ) -> list[Tensor]:
         """Group ``i``'s new fast weights; its new state goes to ``self._states[i]``."""
+        previous = self._rules[i]
         rule, state = self._current_rule(i, params)
-        how = group_plan(params, grads, rule, flat=self._track_higher_grads)
+        flat_before = rule is previous and flat.reusable(state, params)
+        how = group_plan(params, grads, rule, flat=self._track_higher_grads, flat_before=flat_before)
         if how is Plan.FLAT:
             flat_state = flat.as_flat_state(state, params)
             if flat_state is not None or state is None:
