@@ -117,7 +117,7 @@ def flat_step(
     else:  # a rule of one's own (the UpdateRule protocol)
         new, new_state = rule.step([flat], [flat_grad], rule_state)
     new_flat = new[0]
-    chunks = new_flat.split([p.numel() for p in params])
+    chunks = torch.split_with_sizes(new_flat, [p.numel() for p in params])
     pairs = zip(chunks, params, strict=True)
     views = [c if c.shape == p.shape else c.view(p.shape) for c, p in pairs]
     return views, _FlatState(new_state, new_flat, tuple(views))

@@ -433,7 +433,7 @@ def _may_broadcast(hyperparameters: Hyperparameters) -> bool:
     """Whether a hyperparameter holds a tensor with dimensions (it could grow a parameter)."""
     for value in hyperparameters.values():
         kind = type(value)
-        if kind is float or kind is int or kind is bool:
+        if kind is float or kind is int or kind is bool or kind is str:
             continue
         if any(isinstance(v, Tensor) and v.dim() > 0 for v in optree.tree_leaves(value)):
             return True
