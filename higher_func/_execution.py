@@ -244,13 +244,12 @@ def group_plan(
     """
     if len(params) < 2 or under_transform() or forward_ad_active():
         return Plan.PER_TENSOR
-    if not records(params):
+    # Only the weights with a gradient are stepped (and flat needs a gradient for each).
+    if not records(p for p, g in zip(params, grads, strict=False) if g is not None):
         return None
     if flat and (flat_before or _flat_suits(rule, params)) and _grads_fit(params, grads):
         return Plan.FLAT
-    if records(p for p, g in zip(params, grads, strict=False) if g is not None):
-        return Plan.PER_TENSOR  # the common MAML case: what the rule's step would decide
-    return None
+    return Plan.PER_TENSOR  # the common MAML case: what the rule's step would decide
 
 
 def _flat_suits(rule: Any, params: Sequence[Tensor]) -> bool:
