@@ -89,6 +89,8 @@ def reusable_weights(
     ``params``: differentiated with them, their gradient needs no concatenation."""
     weights = {}
     for i, (state, indices) in enumerate(zip(states, groups, strict=True)):
+        if not isinstance(state, _FlatState):
+            continue  # a group stepped per tensor: no list to gather
         if reusable(state, [params[k] for k in indices]) and state.params is not None:
             weights[i] = state.params
     return weights

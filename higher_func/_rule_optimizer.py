@@ -145,7 +145,9 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         previous = self._rules[i]
         rule, state = self._current_rule(i, params)
         flat_before = rule is previous and flat.reusable(state, params)
-        how = group_plan(params, grads, rule, flat=self._track_higher_grads, flat_before=flat_before)
+        how = group_plan(
+            params, grads, rule, flat=self._track_higher_grads, flat_before=flat_before
+        )
         if how is Plan.FLAT:
             flat_state = flat.as_flat_state(state, params)
             if flat_state is not None or state is None:

@@ -476,9 +476,13 @@ def _is_shared(hyperparameters: Hyperparameters) -> bool:
     return not any(_is_mapping(v) for v in hyperparameters.values())
 
 
+#: The types of most hyperparameters: read without the slower ABC check of ``Mapping``.
+_NEVER_MAPPINGS: frozenset[type] = frozenset({float, int, bool, str, tuple, Tensor})
+
+
 def _is_mapping(value: Any) -> bool:
     kind = type(value)
-    if kind is float or kind is int or kind is bool or kind is tuple or kind is Tensor:
+    if kind in _NEVER_MAPPINGS:
         return False  # the common cases, without the slower ABC check
     return isinstance(value, Mapping)
 
