@@ -435,6 +435,8 @@ def _may_broadcast(hyperparameters: Hyperparameters) -> bool:
         kind = type(value)
         if kind is float or kind is int or kind is bool or kind is str:
             continue
+        if kind is tuple and all(type(v) is float or type(v) is int for v in value):
+            continue  # numbers such as Adam's betas
         if any(isinstance(v, Tensor) and v.dim() > 0 for v in optree.tree_leaves(value)):
             return True
     return False
