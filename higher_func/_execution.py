@@ -59,7 +59,9 @@ This module is the only place that asks what decides between them: the number an
 of the tensors, their dtype, layout and device, whether autograd records, and whether a
 functorch transform (``vmap``, ``grad``) or ``torch.compile`` is tracing.  :func:`plan`
 answers for a rule's step (``Rule.step``) and for a differentiable optimizer's parameter
-group (``rule=`` given, where :attr:`Plan.FLAT` is allowed).
+group (``rule=`` given, where :attr:`Plan.FLAT` is allowed); :func:`group_plan` is the
+group's answer as the drop-in step uses it: made once per group and step and passed down
+to ``Rule.step_list``, or ``None`` where the rule's step must decide (nothing recorded).
 
 When flat pays (measured by ``benchmarks/plan_thresholds.py``, whose saved output
 ``benchmarks/results/plan_thresholds.txt`` is shown in ``docs/performance.md``).  A

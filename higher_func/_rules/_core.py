@@ -237,11 +237,10 @@ class Rule:
                 if shared
                 else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
             )
-            update = self.spec.update
+            update, items = self.spec.update, columns.items()
             for i in active:
-                p, s = update(
-                    leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
-                )
+                cells = {f: c[i] for f, c in items} if columns else {}  # plain SGD: none
+                p, s = update(leaves[i], grad_leaves[i], cells, hps[i])
                 new_params[i] = p
                 for f in fields:
                     new_columns[f][i] = s[f]
