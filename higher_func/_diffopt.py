@@ -348,24 +348,30 @@ def gradients(
         raise TypeError(f"loss must be a scalar torch.Tensor, got {type(loss).__name__}.")
     check_scalar_loss(loss)
     trainable = [k for k, p in enumerate(params) if p.requires_grad]
-    grads: list[Tensor | None] = [None] * len(params)
     if not trainable:
-        return tuple(grads), dict.fromkeys(also)
+        return (None,) * len(params), dict.fromkeys(also)
     if not loss.requires_grad:
         raise ValueError(
             "loss does not require grad: it was not computed from the trainable fast weights "
             "(was it computed under torch.no_grad(), or from detached parameters?)."
         )
+    every = len(trainable) == len(params)  # the common case: no list to gather or scatter
+    inputs = params if every else [params[k] for k in trainable]
     found = torch.autograd.grad(
         loss,
-        [params[k] for k in trainable] + list(also.values()),
+        [*inputs, *also.values()] if also else inputs,
         create_graph=create_graph,
         allow_unused=True,
     )
-    for k, g in zip(trainable, found, strict=False):
-        grads[k] = g
+    if every:
+        grads: tuple[Tensor | None, ...] = found[: len(params)] if also else found
+    else:
+        scattered: list[Tensor | None] = [None] * len(params)
+        for k, g in zip(trainable, found, strict=False):
+            scattered[k] = g
+        grads = tuple(scattered)
     check_some_gradient(grads)
-    return tuple(grads), dict(zip(also, found[len(trainable) :], strict=True))
+    return grads, dict(zip(also, found[len(trainable) :], strict=True))
 
 
 def checked_callback_grads(grads: Any, params: list[Tensor]) -> list[Tensor | None]:

@@ -59,7 +59,9 @@ This module is the only place that asks what decides between them: the number an
 of the tensors, their dtype, layout and device, whether autograd records, and whether a
 functorch transform (``vmap``, ``grad``) or ``torch.compile`` is tracing.  :func:`plan`
 answers for a rule's step (``Rule.step``) and for a differentiable optimizer's parameter
-group (``rule=`` given, where :attr:`Plan.FLAT` is allowed).
+group (``rule=`` given, where :attr:`Plan.FLAT` is allowed); :func:`group_plan` is the
+group's answer as the drop-in step uses it: made once per group and step and passed down
+to ``Rule.step_list``, or ``None`` where the rule's step must decide (nothing recorded).
 
 When flat pays (measured by ``benchmarks/plan_thresholds.py``, whose saved output
 ``benchmarks/results/plan_thresholds.txt`` is shown in ``docs/performance.md``).  A
@@ -115,6 +117,7 @@ __all__ = [
     "Plan",
     "one_pass_sqrt_pays",
     "forward_ad_active",
+    "group_plan",
     "plan",
     "records",
     "under_transform",
@@ -189,14 +192,13 @@ def plan(
         >>> plan(small).name, plan([t.detach() for t in small]).name
         ('PER_TENSOR', 'FOREACH')
     """
+    if rule is not None:
+        # Nothing recorded: the rule's own step plans foreach.
+        return group_plan(tensors, grads, rule) or Plan.PER_TENSOR
     if len(tensors) < 2 or under_transform() or forward_ad_active():
         return Plan.PER_TENSOR
     if records(tensors):
-        if rule is not None and _flat_pays(rule, tensors, grads):
-            return Plan.FLAT
         return Plan.PER_TENSOR  # the common MAML case, decided without reading the rest
-    if rule is not None:
-        return Plan.PER_TENSOR  # nothing recorded: the rule's own step plans foreach
     if records(others) or records(g for g in grads if g is not None):
         return Plan.PER_TENSOR  # e.g. a learned learning rate: recorded after all
     first = tensors[0]
@@ -207,8 +209,54 @@ def plan(
     return Plan.FOREACH
 
 
-def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> bool:
-    """Whether a recorded step of a whole group may, and should, run on one flat tensor."""
+def group_plan(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    rule: Any,
+    *,
+    flat: bool = True,
+    flat_before: bool = False,
+) -> Plan | None:
+    """A differentiable optimizer's plan for one step of a parameter group, or ``None``
+    where the rule's own step must decide (nothing recorded: foreach may pay, which depends
+    on the state and hyperparameters the rule reads).  Made once per group and step and
+    passed down to :meth:`~higher_func._rules._core.Rule.step_list`.
+
+    Args:
+        params: the group's parameters (fast weights).
+        grads: their gradients (``None`` for a parameter left unchanged).
+        rule: the group's rule.
+        flat: whether the group may be stepped :attr:`Plan.FLAT` (the differentiable
+            optimizer's flat groups run only while it keeps the graph).
+        flat_before: ``params`` are the views cut by the group's last step, which ran
+            :attr:`Plan.FLAT` with this same ``rule``: what decided it for the rule and the
+            weights still holds, and only the gradients are checked again.
+
+    Example:
+        >>> import torch, higher_func as hf
+        >>> from higher_func._execution import group_plan
+        >>> small = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
+        >>> grads = [torch.ones(3), torch.ones(2)]
+        >>> group_plan(small, grads, hf.optim.adam()).name
+        'FLAT'
+        >>> group_plan(small, grads, hf.optim.adam(), flat=False).name
+        'PER_TENSOR'
+        >>> print(group_plan([t.detach() for t in small], grads, hf.optim.adam()))
+        None
+    """
+    if len(params) < 2 or under_transform() or forward_ad_active():
+        return Plan.PER_TENSOR
+    # Only the weights with a gradient are stepped (and flat needs a gradient for each).
+    if not records(p for p, g in zip(params, grads, strict=False) if g is not None):
+        return None
+    if flat and (flat_before or _flat_suits(rule, params)) and _grads_fit(params, grads):
+        return Plan.FLAT
+    return Plan.PER_TENSOR  # the common MAML case: what the rule's step would decide
+
+
+def _flat_suits(rule: Any, params: Sequence[Tensor]) -> bool:
+    """Whether a recorded step of a whole group may, and should, run on one flat tensor, as
+    far as the rule and the weights tell (:func:`_grads_fit` checks the gradients)."""
     spec = getattr(rule, "spec", None)
     if spec is None or not spec.elementwise:
         return False
@@ -219,13 +267,11 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
         return False
     if not all(p.is_contiguous() for p in params):
         return False  # e.g. channels_last weights: the views would be contiguous instead
-    for t in (*params, *grads):
+    for t in params:
         if not isinstance(t, Tensor) or t.layout != torch.strided:
             return False
         if t.dtype != first.dtype or t.device != first.device:
             return False
-    if any(g.shape != p.shape for p, g in zip(params, grads, strict=True)):
-        return False  # the per-parameter step names the gradient of the wrong shape
     if first.device.type == "cpu":
         size = sum(p.numel() for p in params) * first.element_size()
         if size > FLAT_MAX_BYTES or size > FLAT_MAX_MEAN_BYTES * len(params):
@@ -235,3 +281,16 @@ def _flat_pays(rule: Any, params: Sequence[Tensor], grads: Sequence[Any]) -> boo
         return False  # per-parameter values: each parameter needs its own
     leaves: list[Any] = optree.tree_leaves(list(values), none_is_leaf=True)  # type: ignore[arg-type]
     return all(not isinstance(v, Tensor) or v.dim() == 0 for v in leaves)
+
+
+def _grads_fit(params: Sequence[Tensor], grads: Sequence[Any]) -> bool:
+    """Whether every gradient is a dense tensor of its weight's shape, dtype and device (the
+    per-parameter step names a gradient that is not)."""
+    first = params[0]
+    dtype, device = first.dtype, first.device
+    for p, g in zip(params, grads, strict=True):
+        if not isinstance(g, Tensor) or g.layout != torch.strided:
+            return False
+        if g.dtype != dtype or g.device != device or g.shape != p.shape:
+            return False
+    return True

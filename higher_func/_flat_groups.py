@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from ._dropin_checks import detached
+from ._execution import Plan
+from ._rules._core import Rule
 from ._rules._protocol import UpdateRule
 
 
@@ -29,7 +31,8 @@ class _FlatState(NamedTuple):
     directly, with the gradient autograd assembles for it in the same backward pass, so
     nothing is concatenated again.  A state imported from ``torch.optim`` (or kept per
     parameter by an earlier step) is flattened at its first flat step, without weights to
-    reuse (``params`` and ``views`` are ``None``).
+    reuse (``params`` and ``views`` are ``None``).  ``state`` is the rule's state of the
+    one-tensor list ``[flat weights]``: each field a list of one tensor.
     """
 
     state: Any
@@ -59,11 +62,11 @@ def as_flat_state(state: Any, params: list[Tensor]) -> _FlatState | None:
             t.shape == p.shape and t.dtype == first.dtype and t.device == first.device
             for t, p in zip(tensors, params, strict=True)
         ):
-            fields[field] = {"flat": torch.cat([_flattened(t) for t in tensors])}
+            fields[field] = [torch.cat([_flattened(t) for t in tensors])]
         elif all(t.dim() == 0 for t in tensors):
             if first.device.type != "cpu" or not all(torch.equal(t, first) for t in tensors):
                 return None
-            fields[field] = {"flat": first}
+            fields[field] = [first]
         else:
             return None
     return _FlatState(state._replace(**fields), None, None)
@@ -86,6 +89,8 @@ def reusable_weights(
     ``params``: differentiated with them, their gradient needs no concatenation."""
     weights = {}
     for i, (state, indices) in enumerate(zip(states, groups, strict=True)):
+        if not isinstance(state, _FlatState):
+            continue  # a group stepped per tensor: no list to gather
         if reusable(state, [params[k] for k in indices]) and state.params is not None:
             weights[i] = state.params
     return weights
@@ -108,10 +113,13 @@ def flat_step(
     if flat_grad is None:
         flat_grad = torch.cat([_flattened(g) for g in grads if g is not None])  # none is None
     assert flat is not None
-    rule_state = state.state if state is not None else rule.init({"flat": flat})
-    new, new_state = rule.step({"flat": flat}, {"flat": flat_grad}, rule_state)
-    new_flat = new["flat"]
-    chunks = new_flat.split([p.numel() for p in params])
+    rule_state = state.state if state is not None else rule.init([flat])
+    if isinstance(rule, Rule):  # the plan is made: one tensor runs per tensor
+        new, new_state = rule.step_list([flat], [flat_grad], rule_state, Plan.PER_TENSOR)
+    else:  # a rule of one's own (the UpdateRule protocol)
+        new, new_state = rule.step([flat], [flat_grad], rule_state)
+    new_flat = new[0]
+    chunks = torch.split_with_sizes(new_flat, [p.numel() for p in params])
     pairs = zip(chunks, params, strict=True)
     views = [c if c.shape == p.shape else c.view(p.shape) for c, p in pairs]
     return views, _FlatState(new_state, new_flat, tuple(views))
@@ -125,10 +133,10 @@ def unflattened(state: Any) -> Any:
     assert views is not None, "a stored flat state always has its views"
     sizes = [v.numel() for v in views]
 
-    def column(field: dict[str, Tensor] | None) -> list[Tensor] | None:
+    def column(field: list[Tensor] | None) -> list[Tensor] | None:
         if field is None:
             return None
-        flat = field["flat"]
+        flat = field[0]
         if flat.dim() == 0:  # a per-parameter scalar (the step count): the same for all
             return [flat] * len(views)
         chunks = flat.split(sizes)

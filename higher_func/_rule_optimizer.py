@@ -19,8 +19,9 @@ from torch import Tensor
 from . import _flat_groups as flat
 from ._diffopt import DifferentiableOptimizer, GradCallback, check_optimizer
 from ._errors import unknown_override
-from ._execution import Plan, plan
+from ._execution import Plan, group_plan
 from ._hyperparams import Override, Schedule, check_options_supported, option_names
+from ._rules._core import Rule
 from ._rules._protocol import UpdateRule, spec_of
 from ._rules._registry import recent_rule, register_differentiable_class, rule_factory
 from ._torch_state import DeferredImport, imported_group_state, torch_style_state
@@ -141,16 +142,25 @@ class DifferentiableRuleOptimizer(DifferentiableOptimizer):
         self, i: int, params: list[Tensor], grads: list[Tensor | None], flat_grad: Tensor | None
     ) -> list[Tensor]:
         """Group ``i``'s new fast weights; its new state goes to ``self._states[i]``."""
+        previous = self._rules[i]
         rule, state = self._current_rule(i, params)
-        if self._track_higher_grads and plan(params, grads, rule=rule) is Plan.FLAT:
+        flat_before = rule is previous and flat.reusable(state, params)
+        how = group_plan(
+            params, grads, rule, flat=self._track_higher_grads, flat_before=flat_before
+        )
+        if how is Plan.FLAT:
             flat_state = flat.as_flat_state(state, params)
             if flat_state is not None or state is None:
                 new, self._states[i] = flat.flat_step(rule, flat_state, params, grads, flat_grad)
                 return new
+            how = group_plan(params, grads, rule, flat=False)  # a state that stays per tensor
         state = flat.unflattened(state)
         if state is None:
             state = rule.init(params)
-        new_params, self._states[i] = rule.step(params, list(grads), state)
+        if isinstance(rule, Rule):
+            new_params, self._states[i] = rule.step_list(params, list(grads), state, how)
+        else:  # a rule of one's own (the UpdateRule protocol)
+            new_params, self._states[i] = rule.step(params, list(grads), state)
         return list(new_params)
 
     def _also_differentiated(self, params: list[Tensor]) -> dict[int, Tensor]:

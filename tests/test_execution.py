@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import optree
 import pytest
 import torch
 from torch import nn
@@ -213,3 +214,28 @@ def test_flat_and_per_tensor_steps_give_identical_results(
         assert len(a) == len(b) > 0
         for u, v in zip(a, b, strict=True):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recording", [True, False], ids=["recorded", "not-recorded"])
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_step_list_with_the_group_plan_gives_step_s_values(name, recording):
+    """The drop-in path (``group_plan`` made once, passed to ``Rule.step_list``) computes
+    what ``Rule.step`` planning for itself computes, bit for bit, a missing gradient
+    included; without recording the group plan leaves the choice (foreach) to the rule."""
+    rule = hf.optim.sgd(lr=0.1, momentum=0.9) if name == "sgd" else hf.optim.adam()
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=recording) for s in ((3, 2), (4,), (5,))]
+    grads = [torch.randn(3, 2), None, torch.randn(5)]
+    state = rule.init(params)
+    how = _execution.group_plan(params, grads, rule, flat=False)
+    assert how is (Plan.PER_TENSOR if recording else None)
+    for _ in range(2):
+        expected = rule.step(params, grads, state)
+        got = rule.step_list(params, grads, state, how)
+        got_leaves, expected_leaves = optree.tree_leaves(got), optree.tree_leaves(expected)
+        assert len(got_leaves) == len(expected_leaves) > 3
+        assert all(map(torch.equal, got_leaves, expected_leaves))
+        assert got[0][1] is params[1]  # no gradient: unchanged
+        params, state = got
+    with pytest.raises(ValueError, match="same structure as params"):
+        rule.step_list(params, grads[:2], state, how)

@@ -733,3 +733,25 @@ def test_gradcheck_and_gradgradcheck_through_flat_steps(case):
     assert torch.autograd.gradcheck(meta_loss, inputs)
     assert torch.autograd.gradgradcheck(meta_loss, inputs)
     assert record and all(r == [True, True] for r in record)
+
+
+def test_gradients_are_checked_again_at_every_step_of_a_group_that_stepped_flat():
+    """The planner trusts a flat group's weights and rule from its last flat step, never
+    the gradients: a callback's float32 gradient after flat steps is refused as the
+    per-parameter step refuses it, naming the parameter's place in its group (a flat step
+    would have promoted it silently)."""
+    data = batches(3)
+    net = make_net()
+    opt = make_opt(ADAM, net, {"lr": 0.01})
+    scale = [name for name, _ in net.named_parameters()].index("scale")
+    with hf.innerloop_ctx(net, opt) as (fmodel, diffopt):
+        for x, y in data[:2]:
+            diffopt.step(mse(fmodel(x), y))
+        assert flat_groups(diffopt) == [True, True]
+        x, y = data[2]
+
+        def scale_in_float32(grads):
+            return [g.float() if k == scale else g for k, g in enumerate(grads)]
+
+        with pytest.raises(TypeError, match=r"grads\[2\] is torch.float32 but params\[2\]"):
+            diffopt.step(mse(fmodel(x), y), grad_callback=scale_in_float32)

@@ -9,8 +9,7 @@ hyperparameters, step-time overrides and the error messages for bad input.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,14 @@ from .._errors import unknown_override
 from ._checks import check_grad, check_hyperparameter_types
 from ._math import ARITHMETIC_KEY, ARITHMETICS, TORCH, safe_sqrt
 from ._tensor_list import TensorList
+from ._trees import (
+    grads_like,
+    list_spec,
+    mismatch,
+    path_of,
+    state_columns,
+    tensor_leaves,
+)
 
 __all__ = ["Rule", "RuleSpec", "safe_sqrt"]
 
@@ -161,7 +168,7 @@ class Rule:
 
     def init(self, params: Any) -> Any:
         """The initial state for ``params``: a ``NamedTuple`` of pytrees shaped like ``params``."""
-        leaves, treespec = _leaves("params", params)
+        leaves, treespec = tensor_leaves("params", params)
         hps = _per_leaf_hyperparameters(self.hyperparameters, self.spec, treespec, len(leaves))
         per_leaf = [self.spec.init(p, hp) for p, hp in zip(leaves, hps, strict=True)]
         fields = self.spec.fields(self.hyperparameters)
@@ -175,19 +182,51 @@ class Rule:
         keeps a momentum buffer while the momentum is 0).
         """
         hyperparameters = self._with_overrides(overrides)
+        leaves, treespec = tensor_leaves("params", params)
+        grad_leaves = grads_like(grads, treespec)
+        new_params, state = self._step_leaves(leaves, grad_leaves, state, treespec, hyperparameters)
+        return optree.tree_unflatten(treespec, new_params), state
+
+    def step_list(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        state: Any,
+        plan: _execution.Plan | None,
+    ) -> tuple[list[Tensor], Any]:
+        """:meth:`step` over a list of tensors, with the plan already made: what a
+        differentiable optimizer's group step calls.  ``params`` are tensors (the fast
+        weights), ``grads`` one tensor or ``None`` each (checked here, as in :meth:`step`);
+        ``plan`` is the planner's answer for the group (``None``: decide here).  The new
+        state's fields are lists, as ``step`` would give for a list."""
+        if len(grads) != len(params):
+            grads_like(grads, list_spec(len(params)))  # raises, naming the mismatch
+        return self._step_leaves(
+            params, list(grads), state, list_spec(len(params)), self.hyperparameters, plan
+        )
+
+    def _step_leaves(
+        self,
+        leaves: list[Tensor],
+        grad_leaves: list[Tensor | None],
+        state: Any,
+        treespec: Any,
+        hyperparameters: Hyperparameters,
+        plan: _execution.Plan | None = None,
+    ) -> tuple[list[Tensor], Any]:
+        """The step over flattened leaves (``grad_leaves`` is checked, and may be changed in
+        place); the new parameters as a list of leaves."""
         if self.arithmetic != TORCH:
             hyperparameters = {**hyperparameters, ARITHMETIC_KEY: self.arithmetic}
-        leaves, treespec = _leaves("params", params)
-        grad_leaves = _grads_like(grads, treespec)
         self._check_grads(leaves, grad_leaves, treespec)
         fields = self.spec.fields(hyperparameters)
-        columns = _state_columns(state, self.spec.state_type, fields, treespec)
+        columns = state_columns(state, self.spec.state_type, fields, treespec)
         active = [i for i, g in enumerate(grad_leaves) if g is not None]
         new_params, new_columns = list(leaves), {f: list(c) for f, c in columns.items()}
         shared = _is_shared(hyperparameters)
-        if shared and self._plan(leaves, active, grad_leaves, columns, hyperparameters) is (
-            _execution.Plan.FOREACH
-        ):
+        if plan is None and shared:
+            plan = self._plan(leaves, active, grad_leaves, columns, hyperparameters)
+        if shared and plan is _execution.Plan.FOREACH:
             # All parameters at once: one foreach op per line of the kernel.
             p, s = self.spec.update(
                 TensorList([leaves[i] for i in active]),
@@ -205,20 +244,24 @@ class Rule:
                 if shared
                 else _per_leaf_hyperparameters(hyperparameters, self.spec, treespec, len(leaves))
             )
+            update, items = self.spec.update, columns.items()
             for i in active:
-                p, s = self.spec.update(
-                    leaves[i], grad_leaves[i], {f: c[i] for f, c in columns.items()}, hps[i]
-                )
+                cells = {f: c[i] for f, c in items} if columns else {}  # plain SGD: none
+                p, s = update(leaves[i], grad_leaves[i], cells, hps[i])
                 new_params[i] = p
                 for f in fields:
                     new_columns[f][i] = s[f]
         if _may_broadcast(hyperparameters):
             _check_shapes_kept(leaves, new_params, active, treespec)
         if new_columns:
+            is_list = treespec is list_spec(len(leaves))
             state = state._replace(
-                **{f: optree.tree_unflatten(treespec, c) for f, c in new_columns.items()}
+                **{
+                    f: c if is_list else optree.tree_unflatten(treespec, c)
+                    for f, c in new_columns.items()
+                }
             )
-        return optree.tree_unflatten(treespec, new_params), state
+        return new_params, state
 
     def _check_grads(self, leaves: list[Tensor], grads: list[Tensor | None], treespec: Any) -> None:
         """Each gradient shaped and typed like its parameter (sparse ones densified where
@@ -228,7 +271,7 @@ class Rule:
             if g is not None and (
                 g.shape != p.shape or g.dtype != p.dtype or g.layout is not torch.strided
             ):
-                grads[i] = check_grad(self.name, _path_of(treespec, i), p, g, sparse)
+                grads[i] = check_grad(self.name, path_of(treespec, i), p, g, sparse)
 
     @staticmethod
     def _plan(
@@ -313,96 +356,20 @@ def build_rule(spec: RuleSpec, options: Mapping[str, Any]) -> Rule:
     return Rule(spec, hyperparameters, arithmetic)
 
 
-# --------------------------------------------------------------------------- pytrees
-
-
-def _leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
-    if type(tree) is list and all(type(t) is Tensor and not t.is_complex() for t in tree):
-        return list(tree), _list_spec(len(tree))  # a plain list of tensors: no tree walk
-    leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
-    if all(isinstance(leaf, Tensor) and not leaf.is_complex() for leaf in leaves):
-        return leaves, treespec
-    if isinstance(tree, Iterator):
-        raise TypeError(
-            f"{argument} must be a dict name -> tensor (or a list or tuple of tensors), got a "
-            f"{type(tree).__name__}, which can be read only once. Materialize it: "
-            f"{argument} = dict(model.named_parameters()) or list(model.parameters())."
-        )
-    paths = optree.tree_paths(tree, none_is_leaf=True)  # only to name the bad leaf
-    for path, leaf in zip(paths, leaves, strict=True):
-        if not isinstance(leaf, Tensor):
-            raise TypeError(
-                f"{argument}{_format_path(path)} must be a torch.Tensor, got "
-                f"{type(leaf).__name__}. Pass tensors (e.g. torch.tensor(value)) as {argument}."
-            )
-        if leaf.is_complex():
-            raise TypeError(
-                f"{argument}{_format_path(path)} is complex ({leaf.dtype}); the rules support "
-                f"real tensors. Optimize torch.view_as_real({argument}...) instead."
-            )
-    raise AssertionError("unreachable")
-
-
-@functools.lru_cache(maxsize=256)
-def _list_spec(length: int) -> Any:
-    return optree.tree_structure([0] * length, none_is_leaf=True)  # type: ignore[arg-type]
-
-
-def _grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
-    try:
-        leaves = treespec.flatten_up_to(grads)
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"grads must have the same structure as params. {_mismatch(treespec, grads)} "
-            f"Pass one gradient (or None) per parameter, keyed like params."
-        ) from error
-    for leaf in leaves:
-        if leaf is not None and not isinstance(leaf, Tensor):
-            raise TypeError(f"grads must hold tensors or None, got {type(leaf).__name__}.")
-    return leaves
-
-
-def _state_columns(
-    state: Any, state_type: type, fields: tuple[str, ...], treespec: Any
-) -> dict[str, list[Tensor]]:
-    """Each state field needed by ``fields`` as a list of leaves in ``treespec`` order."""
-    if not isinstance(state, state_type):
-        raise TypeError(
-            f"state must be the {state_type.__name__} returned by init() or step(), got "
-            f"{type(state).__name__}. Build it with rule.init(params)."
-        )
-    columns = {}
-    for field in fields:
-        tree = getattr(state, field)
-        if tree is None:
-            raise ValueError(
-                f"state.{field} is None but these hyperparameters need it. Build the state "
-                f"with init() from a rule with the same options."
-            )
-        try:
-            columns[field] = treespec.flatten_up_to(tree)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                f"state.{field} must have the same structure as params. "
-                f"{_mismatch(treespec, tree)} Build the state with rule.init(params)."
-            ) from error
-    return columns
+# --------------------------------------------------------------- hyperparameters and state
 
 
 def _may_broadcast(hyperparameters: Hyperparameters) -> bool:
     """Whether a hyperparameter holds a tensor with dimensions (it could grow a parameter)."""
     for value in hyperparameters.values():
         kind = type(value)
-        if kind is float or kind is int or kind is bool:
+        if kind is float or kind is int or kind is bool or kind is str:
             continue
+        if kind is tuple and all(type(v) is float or type(v) is int for v in value):
+            continue  # numbers such as Adam's betas
         if any(isinstance(v, Tensor) and v.dim() > 0 for v in optree.tree_leaves(value)):
             return True
     return False
-
-
-def _path_of(treespec: Any, index: int) -> str:
-    """``['name']`` for the ``index``-th leaf (for error messages only: it walks the tree)."""
-    return _format_path(treespec.paths()[index]) if treespec.num_leaves else ""
 
 
 def _check_shapes_kept(
@@ -410,7 +377,7 @@ def _check_shapes_kept(
 ) -> None:
     for i in active:
         if new[i].shape != old[i].shape:
-            path = _path_of(treespec, i)
+            path = path_of(treespec, i)
             raise ValueError(
                 f"the step changed the shape of params{path} from {tuple(old[i].shape)} to "
                 f"{tuple(new[i].shape)}: a hyperparameter tensor was broadcast against it. "
@@ -436,9 +403,13 @@ def _is_shared(hyperparameters: Hyperparameters) -> bool:
     return not any(_is_mapping(v) for v in hyperparameters.values())
 
 
+#: The types of most hyperparameters: read without the slower ABC check of ``Mapping``.
+_NEVER_MAPPINGS: frozenset[type] = frozenset({float, int, bool, str, tuple, Tensor})
+
+
 def _is_mapping(value: Any) -> bool:
     kind = type(value)
-    if kind is float or kind is int or kind is bool or kind is tuple or kind is Tensor:
+    if kind in _NEVER_MAPPINGS:
         return False  # the common cases, without the slower ABC check
     return isinstance(value, Mapping)
 
@@ -456,7 +427,7 @@ def _per_leaf_hyperparameters(
             except (ValueError, TypeError) as error:
                 raise ValueError(
                     f"{spec.name}: per-parameter {key!r} must be keyed like params. "
-                    f"{_mismatch(treespec, value)}"
+                    f"{mismatch(treespec, value)}"
                 ) from error
     if not per_parameter:
         return [hyperparameters] * count
@@ -467,34 +438,6 @@ def _per_leaf_hyperparameters(
 
 def _holds_tensor(value: Any) -> bool:
     return any(isinstance(leaf, Tensor) for leaf in optree.tree_leaves(value))
-
-
-def _format_path(path: tuple[Any, ...]) -> str:
-    return "".join(f"[{key!r}]" for key in path)
-
-
-def _mismatch(treespec: Any, other: Any) -> str:
-    if treespec.kind == optree.PyTreeKind.DICT and isinstance(other, Mapping):
-        expected = set(optree.tree_unflatten(treespec, [0] * treespec.num_leaves))
-        missing = sorted(map(str, expected - set(other)))
-        unexpected = sorted(map(str, set(other) - expected))
-        if missing or unexpected:
-            return f"Missing key(s): {missing}. Unexpected key(s): {unexpected}."
-    expected_tree = optree.tree_unflatten(treespec, [0] * treespec.num_leaves)
-    return f"Expected {_describe_tree(expected_tree)}, got {_describe_tree(other)}."
-
-
-def _describe_tree(tree: Any) -> str:
-    """A short, readable account of a pytree's top level (never a raw PyTreeSpec)."""
-    if isinstance(tree, Mapping):
-        keys = sorted(map(str, tree))
-        shown = keys if len(keys) <= 8 else [*keys[:8], "..."]
-        return f"a dict with {len(keys)} key(s) {shown}"
-    if isinstance(tree, list | tuple):
-        return f"a {type(tree).__name__} of {len(tree)} item(s)"
-    if isinstance(tree, Tensor):
-        return "a single tensor"
-    return f"a {type(tree).__name__}"
 
 
 def _short(value: Any) -> str:
