@@ -14,7 +14,7 @@ bit):
   where the per-tensor op saves only what its derivative reads (see the table below), and
   every kernel has a scalar multiplication or a list addition.
 * :attr:`Plan.FLAT`: once over the tensors of a parameter group concatenated into one
-  (the differentiable optimizers' flat groups, ``_diffopt._FlatState``): while autograd
+  (the differentiable optimizers' flat groups, ``_flat_groups._FlatState``): while autograd
   records, one autograd node per line of the kernel instead of one per line and tensor.
 
 Why not foreach while autograd records (measured with ``saved_tensors_hooks``, counting
@@ -116,10 +116,12 @@ __all__ = [
     "ONE_PASS_SQRT_MIN_ELEMENTS",
     "Plan",
     "one_pass_sqrt_pays",
+    "derivative_wanted",
     "forward_ad_active",
     "group_plan",
     "plan",
     "records",
+    "traced",
     "under_transform",
 ]
 
@@ -153,12 +155,28 @@ def forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
+def traced(t: Tensor) -> bool:
+    """Whether ``t`` lives inside ``torch.compile`` or a ``torch.func`` transform."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def derivative_wanted(tensors: Iterable[Tensor]) -> bool:
+    """Whether an op on ``tensors`` may be differentiated: autograd records it, a dual
+    tensor may carry a tangent (a dual tensor does not say that it requires grad), or a
+    transform traces it (functorch wrappers may not say either)."""
+    tensors = list(tensors)
+    if forward_ad_active() or records(tensors):
+        return True
+    return any(traced(t) for t in tensors)
+
+
 def one_pass_sqrt_pays(x: Tensor) -> bool:
-    """Whether a recorded ``safe_sqrt`` of ``x`` runs faster as one custom autograd Function
-    than as its four built-in ops (``_rules._math.safe_sqrt``): from
+    """Whether a differentiated ``safe_sqrt`` of ``x`` runs as one custom autograd Function
+    (one sqrt forward) instead of its four built-in ops (``_rules._math.safe_sqrt``): in
+    plain reverse mode only (forward mode and the transforms need the built-in ops), from
     :data:`ONE_PASS_SQRT_MIN_ELEMENTS` elements, where the three passes saved outweigh the
     Function's Python cost (see the module docstring)."""
-    return x.numel() >= ONE_PASS_SQRT_MIN_ELEMENTS
+    return x.numel() >= ONE_PASS_SQRT_MIN_ELEMENTS and not (forward_ad_active() or traced(x))
 
 
 def records(tensors: Iterable[Tensor]) -> bool:

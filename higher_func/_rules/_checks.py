@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._errors import grad_shape
-from ._math import is_traced
+from .._execution import traced
 from ._tensor_list import is_number
 
 Hyperparameters = Mapping[str, Any]
@@ -45,7 +45,7 @@ def numbers_in(value: Any) -> Iterable[float]:
         elif (
             isinstance(item, Tensor)
             and item.device.type == "cpu"  # reading a GPU value would synchronise
-            and not is_traced(item)
+            and not traced(item)
             and item.numel() == 1
         ):
             yield float(item.detach())

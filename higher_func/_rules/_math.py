@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .._execution import forward_ad_active, one_pass_sqrt_pays
+from .._execution import derivative_wanted, forward_ad_active, one_pass_sqrt_pays, traced
 from ._tensor_list import TensorList, is_number
 
 __all__ = ["TORCH", "HIGHER", "ARITHMETICS", "arithmetic", "safe_sqrt"]
@@ -182,7 +182,7 @@ def step_value(step: Any) -> Any:
 
 def _readable(t: Tensor) -> bool:
     """A CPU value that is no one's input to differentiate (reading it would cut a graph)."""
-    if t.requires_grad or t.device.type != "cpu" or is_traced(t):
+    if t.requires_grad or t.device.type != "cpu" or traced(t):
         return False
     return not _has_tangent(t)
 
@@ -200,11 +200,6 @@ def is_zero(value: Any) -> bool:
     if kind is float or kind is int:  # the common case, without the slower ABC check
         return value == 0
     return is_number(value) and value == 0
-
-
-def is_traced(t: Tensor) -> bool:
-    """Whether ``t`` lives inside ``torch.compile`` or a ``torch.func`` transform."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _has_tangent(t: Tensor) -> bool:
@@ -232,24 +227,16 @@ def safe_sqrt(x: Any) -> Any:
         tensor([0.0000, 0.2500])
     """
     if isinstance(x, TensorList):
-        if not _derivative_wanted(x.items):
+        if not derivative_wanted(x.items):
             return TensorList(torch._foreach_sqrt(x.items))
         return TensorList([_safe_sqrt(t) for t in x.items])
     return _safe_sqrt(x)
 
 
-def _derivative_wanted(tensors: list[Tensor]) -> bool:
-    if forward_ad_active():
-        return True  # a dual tensor does not say that it requires grad
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return any(is_traced(t) for t in tensors)  # functorch wrappers may not say either
-
-
 def _safe_sqrt(x: Tensor) -> Tensor:
-    if not _derivative_wanted([x]):
+    if not derivative_wanted([x]):
         return torch.sqrt(x)
-    if not forward_ad_active() and not is_traced(x) and one_pass_sqrt_pays(x):
+    if one_pass_sqrt_pays(x):
         return _RecordedSafeSqrt.apply(x)  # plain reverse mode, a large tensor: one pass
     zero = x == 0  # the form every transform knows (forward mode, vmap, grad, compile)
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
