@@ -376,6 +376,8 @@ def maml_functional(problem: MamlProblem) -> Runner:
 
 def maml_torch_func_vmap(problem: MamlProblem) -> Runner:
     """The hand-written loop vmapped over tasks, meta-parameters shared (``in_dims=None``)."""
+    if problem.no_vmap:
+        raise Unavailable(problem.no_vmap)
     model = problem.model()
     params = _params(model)
     meta_opt = _meta_adam(params.values(), problem.outer_lr)

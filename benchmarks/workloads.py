@@ -107,6 +107,8 @@ class MamlProblem:
     large: bool = False
     #: modules the model needs (an optional benchmark extra), checked before building
     requires: tuple[str, ...] = ()
+    #: why ``torch.func.vmap`` cannot batch the model ("": it can)
+    no_vmap: str = ""
 
     def model(self) -> nn.Module:
         """A fresh model, identical for every implementation (seeded), on the device."""
@@ -526,6 +528,11 @@ REAL_MODEL_INNER = {
 }
 
 
+#: torch has no batching rule for the fused LSTM kernel (higher_func's batched paths fall
+#: back to a per-task loop; a hand-written ``vmap`` cannot).
+_NO_LSTM_VMAP = "torch has no vmap batching rule for aten::lstm"
+
+
 def real_model_problems(device: str) -> list[MamlProblem]:
     """Workloads 3m, 3a, 7, 7m, 7a, 8, 8m, 8a, 9, 9m, 9a (see the module docstring)."""
     generator = torch.Generator().manual_seed(SEED)
@@ -562,6 +569,7 @@ def real_model_problems(device: str) -> list[MamlProblem]:
                     device=device,
                     large=key != "3",
                     requires=("transformers",) if build is bert_tiny else (),
+                    no_vmap=_NO_LSTM_VMAP if build is lstm_lm else "",
                 )
             )
     return problems
