@@ -142,6 +142,7 @@ def test_the_saved_report_renders_every_section() -> None:
         "## Time per meta-iteration",
         "## Peak memory (workload 6)",
         "## When a parameter group is stepped flat",
+        "## How a rule's kernel runs while autograd records",
         "## Long unrolls",
         "## Targets and status",
         "## Implementations",
