@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,17 +40,9 @@ def tensor_leaves(argument: str, tree: Any) -> tuple[list[Tensor], Any]:
     raise AssertionError("unreachable")
 
 
-#: One list treespec per length (a dict, not ``functools.lru_cache``: ``torch.compile``
-#: warns at every cached function it traces, and the drop-in step runs under it).
-_LIST_SPECS: dict[int, Any] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def list_spec(length: int) -> Any:
-    """The treespec of a list of ``length`` leaves (the same object for the same length)."""
-    spec = _LIST_SPECS.get(length)
-    if spec is None:
-        spec = _LIST_SPECS[length] = optree.tree_structure([0] * length, none_is_leaf=True)  # type: ignore[arg-type]
-    return spec
+    return optree.tree_structure([0] * length, none_is_leaf=True)  # type: ignore[arg-type]
 
 
 def grads_like(grads: Any, treespec: Any) -> list[Tensor | None]:
