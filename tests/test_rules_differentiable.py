@@ -135,7 +135,7 @@ def _where_form_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, x)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_recorded_safe_sqrt_equals_the_where_form_bit_for_bit(dtype) -> None:
     """While autograd records, safe_sqrt of a large tensor runs one sqrt forward (a custom
     autograd Function); its values, first and second derivatives are the where form's, bit
