@@ -260,14 +260,16 @@ def _recorded_nodes(output: torch.Tensor) -> int:
     return len(seen)
 
 
-def test_a_factor_of_one_is_skipped_with_the_same_bits() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_a_factor_of_one_is_skipped_with_the_same_bits(dtype) -> None:
     """higher's momentum update ``buf * m + 1 * g`` (no dampening): ``1 * g`` is ``g`` bit for
     bit, so the higher arithmetic adds ``g`` itself, one autograd node fewer, same numbers and
     the same derivatives."""
     from higher_func._rules._math import HigherOps
 
     torch.manual_seed(0)
-    x, y = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
+    x = torch.randn(50).to(dtype).requires_grad_()
+    y = torch.randn(50).to(dtype).requires_grad_()
     for op, reference in ((HigherOps.add_scaled, x + 1.0 * y), (HigherOps.sub_scaled, x - 1 * y)):
         ours = op(x, y, 1.0)
         assert torch.equal(ours, reference)
